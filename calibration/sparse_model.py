@@ -11,18 +11,35 @@ model computes" is defined once. Hooks on every sparsified `nn.Linear` implement
 Dense and sparse share the same weights, so a teacher/student pair costs one model in memory.
 """
 
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from vllm_spon.calibration.checkpoint import ALL_PROJECTIONS, PROJECTION_SITE
+from vllm_spon.calibration.checkpoint import ALL_PROJECTIONS, PROJECTION_SITE, SponCheckpoint
 from vllm_spon.kernels.reference import sparsify
 
 Mode = Literal["dense", "teal", "spon"]
 BiasSpace = Literal["input", "output"]
+
+
+def load_hf_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a Hugging Face directory, with errors that say what is wrong."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory (no config.json); make the example model with "
+            "`vllm-spon example-model DIR`"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
 
 
 def sparsifiable_linears(model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS) -> dict[str, nn.Linear]:
@@ -83,7 +100,7 @@ class SparseModel:
         self.bias_space: BiasSpace | None = None
         self.mode: Mode = "dense"
         self.counter: SparsityCounter | None = None
-        self.input_taps: dict[str, list[torch.Tensor]] | None = None
+        self.input_observer: Callable[[str, torch.Tensor], None] | None = None
         for name, linear in self.linears.items():
             linear.register_forward_pre_hook(self._pre_hook(name))
             linear.register_forward_hook(self._post_hook(name))
@@ -92,8 +109,8 @@ class SparseModel:
     def _pre_hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
-            if self.input_taps is not None:
-                self.input_taps.setdefault(site_key(name), []).append(x.detach())
+            if self.input_observer is not None:
+                self.input_observer(name, x.detach())
             if self.mode == "dense":
                 return None
             x = sparsify(x, self.thresholds[name])
@@ -135,13 +152,13 @@ class SparseModel:
             self.counter = None
 
     @contextmanager
-    def tap_inputs(self) -> Iterator[dict[str, list[torch.Tensor]]]:
-        """Record every sparsifiable input (before thresholding), grouped by site."""
-        self.input_taps = {}
+    def observe_inputs(self, observer: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Call `observer(module_name, x)` with every sparsifiable input, before thresholding."""
+        self.input_observer = observer
         try:
-            yield self.input_taps
+            yield
         finally:
-            self.input_taps = None
+            self.input_observer = None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -151,6 +168,21 @@ class SparseModel:
         return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     # --- parameters ------------------------------------------------------------------------------------
+    def apply_checkpoint(self, checkpoint: SponCheckpoint) -> None:
+        """Take a checkpoint's thresholds and fused biases (modules it does not list stay dense)."""
+        unknown = sorted(set(checkpoint.thresholds) - set(self.linears))
+        if unknown:
+            raise ValueError(f"checkpoint names modules this model does not have: {unknown[:3]}")
+        for name in self.linears:
+            self.thresholds[name].fill_(checkpoint.threshold(name) if name in checkpoint.thresholds else 0.0)
+        self.fused_biases = {
+            name: bias.to(self.linears[name].weight.device) for name, bias in checkpoint.biases.items()
+        }
+        for name, bias in self.fused_biases.items():
+            if bias.shape != (self.linears[name].out_features,):
+                raise ValueError(f"tensor {name}.spon_bias has shape {list(bias.shape)}, expected "
+                                 f"[{self.linears[name].out_features}]")
+
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
         for name, value in thresholds.items():
             self.thresholds[name].fill_(float(value))

@@ -22,3 +22,32 @@ def example_model_dir() -> Path:
     if not (path / "model.safetensors").is_file():
         write_example_model(path, overwrite=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (seeded) saved as safetensors: fast checkpoint and schema tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def spon_checkpoint_dir(example_model_dir) -> Path:
+    """The example model calibrated at 50% with a small budget (overlay checkpoint, ~2 min on 2 cores)."""
+    from vllm_spon.calibration.checkpoint import is_spon_checkpoint
+    from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
+
+    path = CACHE / "smollm2-spon50"
+    if not is_spon_checkpoint(path):
+        calibrate(CalibrationArgs(
+            model=example_model_dir, output=path, sparsity=0.5, layout="overlay", num_tokens=2048, window=128,
+            steps=30, lr=2e-3, eval_windows=2, overwrite=True,
+        ))
+    return path

@@ -1,0 +1,163 @@
+"""`vllm-spon calibrate`: the offline calibration pipeline, as a list of clear steps.
+
+    1. load the model and the calibration text (validated arguments, clear errors, nothing written yet)
+    2. allocate per-module sparsity (uniform, or TEAL's greedy per-block allocation)
+    3. fit thresholds (TEAL statistics, refitted on the sparse model's own activations)
+    4. train SPON vectors by KL distillation against the dense model, fuse them into biases,
+       and refit thresholds with the biases in place so the achieved sparsity stays on target
+    5. measure achieved sparsity and held-out perplexity (dense / TEAL / SPON on the same windows)
+    6. write the checkpoint atomically
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vllm_spon import __version__
+from vllm_spon.calibration.checkpoint import (
+    ALL_PROJECTIONS,
+    FORMAT_VERSION,
+    CalibrationInfo,
+    PerplexityReport,
+    SponConfig,
+    base_model_ref,
+    now_iso,
+    write_checkpoint,
+)
+from vllm_spon.calibration.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, load_text, token_windows
+from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
+from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.calibration.spon_training import TrainConfig, train_spon
+from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
+
+logger = logging.getLogger("vllm_spon.calibration")
+
+
+class CalibrationArgs(BaseModel):
+    """Everything `calibrate` needs; validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Path
+    output: Path
+    sparsity: float = Field(description="target fraction of linear inputs zeroed, in (0, 1)")
+    data: str = DEFAULT_CALIBRATION_DATA
+    method: Literal["spon", "teal"] = "spon"
+    allocation: Literal["uniform", "greedy"] = "uniform"
+    threshold_stats: Literal["dense", "sequential"] = "sequential"
+    projections: tuple[str, ...] = ALL_PROJECTIONS
+    num_tokens: int = Field(default=16384, gt=0, description="tokens for threshold statistics")
+    window: int = Field(default=256, ge=16)
+    steps: int = Field(default=100, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    windows_per_step: int = Field(default=2, gt=0)
+    bias_space: Literal["input", "output"] = "input"
+    layout: Literal["full", "overlay"] = "full"
+    eval_data: str | None = DEFAULT_EVAL_DATA
+    eval_windows: int = Field(default=8, ge=1)
+    eval_window: int = Field(default=512, ge=16)
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+    @field_validator("sparsity")
+    @classmethod
+    def _open_unit_interval(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"--sparsity must be strictly between 0 and 1 (a fraction, e.g. 0.5), got {v}")
+        return v
+
+    @field_validator("projections")
+    @classmethod
+    def _known_projections(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(ALL_PROJECTIONS))
+        if unknown or not v:
+            raise ValueError(f"--projections must be a non-empty subset of {ALL_PROJECTIONS}, got {unknown}")
+        return v
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def calibrate(args: CalibrationArgs) -> Path:
+    """Run the pipeline and write the checkpoint at `args.output`; returns its path."""
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; choose another --output or pass --overwrite")
+    base = base_model_ref(args.model)  # also checks the model directory before any heavy work
+    model, tokenizer = load_hf_model(args.model, device=args.resolved_device())
+    sparse = SparseModel(model, args.projections)
+    text = load_text(args.data)
+    num_windows = max(1, args.num_tokens // args.window)
+    stats_windows = token_windows(tokenizer, text, args.window, num_windows, source=f"--data {args.data}")
+    # Training samples windows from the whole text, not only the statistics subset.
+    train_windows = token_windows(tokenizer, text, args.window, len(tokenizer(text)["input_ids"]) // args.window,
+                                  source=f"--data {args.data}")
+    eval_windows = (token_windows(tokenizer, load_text(args.eval_data), args.eval_window, args.eval_windows,
+                                  source=f"--eval-data {args.eval_data}") if args.eval_data else None)
+
+    if args.allocation == "greedy":
+        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, log=logger.info)
+    else:
+        module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
+    thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,
+                                seed=args.seed, log=logger.info)
+    report = None
+    if eval_windows is not None:
+        dense_ppl = perplexity(sparse, eval_windows, "dense")
+        teal_ppl = perplexity(sparse, eval_windows, "teal")
+        teal_sparsity, _ = measure_sparsity(sparse, eval_windows, "teal")
+
+    if args.method == "spon":
+        train_spon(sparse, train_windows,
+                   TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed),
+                   log=logger.info)
+        sparse.fuse_vectors()
+        if args.threshold_stats == "sequential":
+            thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats="sequential",
+                                        mode_for_refine="spon", seed=args.seed, log=logger.info)
+    mode = "spon" if args.method == "spon" else "teal"
+    achieved, per_module = measure_sparsity(sparse, stats_windows, mode)
+    if eval_windows is not None:
+        spon_ppl = perplexity(sparse, eval_windows, mode)
+        spon_sparsity, _ = measure_sparsity(sparse, eval_windows, mode)
+        report = PerplexityReport(
+            data=args.eval_data, num_windows=args.eval_windows, window=args.eval_window, dense=dense_ppl,
+            teal=teal_ppl, spon=spon_ppl, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity,
+        )
+        logger.info(f"held-out perplexity ({args.eval_data}): dense {dense_ppl:.2f}, TEAL {teal_ppl:.2f} "
+                    f"(sparsity {teal_sparsity:.3f}), {mode.upper()} {spon_ppl:.2f} (sparsity {spon_sparsity:.3f})")
+
+    config = SponConfig(
+        format_version=FORMAT_VERSION,
+        layout=args.layout,
+        base_model=base,
+        method=args.method,
+        bias_space=args.bias_space if args.method == "spon" else None,
+        target_sparsity=args.sparsity,
+        achieved_sparsity=achieved,
+        projections=sparse.projections,
+        thresholds=thresholds,
+        module_sparsity=per_module,
+        calibration=CalibrationInfo(
+            data=args.data, num_tokens=stats_windows.numel(), window=args.window,
+            threshold_stats=args.threshold_stats, allocation=args.allocation,
+            steps=args.steps if args.method == "spon" else 0, lr=args.lr,
+            tokens_per_step=args.windows_per_step * args.window, seed=args.seed,
+            seconds=round(time.perf_counter() - start, 1),
+        ),
+        perplexity=report,
+        created_at=now_iso(),
+        vllm_spon_version=__version__,
+    )
+    write_checkpoint(args.output, args.model, config, thresholds, sparse.fused_biases, overwrite=args.overwrite)
+    logger.info(f"wrote {args.layout} checkpoint {args.output} in {time.perf_counter() - start:.0f} s "
+                f"(achieved sparsity {achieved:.3f} on calibration tokens)")
+    return args.output

@@ -1,0 +1,78 @@
+"""SPON training: learn one input-independent vector per sparsified linear by KL distillation.
+
+The model is frozen; the dense model (same weights, mode "dense") is the teacher and the thresholded model
+plus vectors is the student. The loss is KL(p_dense || p_sparse) over the final logits of every position.
+Input-space vectors `a` (the paper's) are added after thresholding; output-space vectors `c` are added to the
+linear's output. Both fuse to the same bias (`W a` or `c`), so they differ only in optimisation geometry.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vllm_spon.calibration.sparse_model import BiasSpace, SparseModel
+
+
+class TrainingError(RuntimeError):
+    """SPON training diverged (NaN/Inf loss): nothing is written."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    windows_per_step: int = 2
+    bias_space: BiasSpace = "input"
+    seed: int = 0
+
+
+def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(softmax(teacher) || softmax(student)), in float32."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def train_spon(
+    model: SparseModel,
+    windows: torch.Tensor,
+    config: TrainConfig,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[float]:
+    """Train SPON vectors on `windows` ([N, window] token ids); leaves them on `model`, unfused."""
+    params = model.init_vectors(config.bias_space)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(model.model.parameters()).device
+    order = torch.randperm(len(windows), generator=generator)
+    cursor, losses = 0, []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=f"SPON training ({config.bias_space} space)", leave=False)
+    for step in bar:
+        if cursor + config.windows_per_step > len(order):
+            order, cursor = torch.randperm(len(windows), generator=generator), 0
+        batch = windows[order[cursor: cursor + config.windows_per_step]].to(device)
+        cursor += config.windows_per_step
+        with torch.no_grad(), model.use("dense"):
+            teacher = model.logits(batch)
+        with model.use("spon"):
+            loss = kl_dense_to_sparse(teacher, model.logits(batch))
+        if not math.isfinite(loss.item()):
+            raise TrainingError(
+                f"SPON training loss became {loss.item()} at step {step}; lower --lr (now {config.lr}) "
+                "or check the model for NaN weights. Nothing was written."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    log(f"SPON training: {config.steps} steps in {time.perf_counter() - start:.0f} s, "
+        f"KL {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
+        if losses else "SPON training: 0 steps")
+    return losses

@@ -1,0 +1,139 @@
+"""The SPON checkpoint format: round trip, overlay links, atomic writes, and every rejection."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from vllm_spon.calibration.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    check_base_model,
+    load_checkpoint,
+    read_config,
+)
+from vllm_spon.calibration.sparse_model import sparsifiable_linears
+
+from tests.helpers import make_checkpoint
+
+
+@pytest.fixture()
+def tiny_modules(tiny_llama_dir):
+    return sparsifiable_linears(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+
+
+def _write(tiny_llama_dir, tmp_path, tiny_modules, layout="full", name="ckpt"):
+    thresholds = {m: 0.01 * (i + 1) for i, m in enumerate(tiny_modules)}
+    biases = {m: torch.randn(lin.out_features) for m, lin in tiny_modules.items()}
+    return make_checkpoint(tiny_llama_dir, tmp_path / name, thresholds, biases, layout=layout), thresholds, biases
+
+
+def test_round_trip_full(tiny_llama_dir, tmp_path, tiny_modules):
+    path, thresholds, biases = _write(tiny_llama_dir, tmp_path, tiny_modules)
+    ckpt = load_checkpoint(path)
+    assert ckpt.modules == sorted(thresholds)
+    for m, t in thresholds.items():
+        assert ckpt.threshold(m) == pytest.approx(t)
+        torch.testing.assert_close(ckpt.biases[m], biases[m])
+    assert (path / "model.safetensors").is_file() and not (path / "model.safetensors").is_symlink()
+    check_base_model(ckpt.config, path)  # a full copy is its own base model
+    assert "14 linears" in ckpt.summary()
+
+
+def test_overlay_links_base_files(tiny_llama_dir, tmp_path, tiny_modules):
+    path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules, layout="overlay")
+    link = path / "model.safetensors"
+    assert link.is_symlink() and link.resolve() == (tiny_llama_dir / "model.safetensors").resolve()
+    config = read_config(path)
+    assert config.layout == "overlay" and config.base_model.path == str(tiny_llama_dir.resolve())
+    check_base_model(config, path)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "half-written").write_text("x")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, tiny_modules):
+    path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules)
+    with pytest.raises(CheckpointError, match="already exists"), atomic_directory(path):
+        pass
+    before = load_checkpoint(path).thresholds
+    with atomic_directory(path, overwrite=True) as tmp:
+        shutil.copytree(path / "spon", tmp / "spon")
+    assert load_checkpoint(path).thresholds.keys() == before.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no .old or .tmp leftovers
+
+
+def test_not_a_checkpoint(tiny_llama_dir):
+    with pytest.raises(CheckpointError, match=r"spon/config.json does not exist"):
+        load_checkpoint(tiny_llama_dir)
+
+
+def _edit_config(path, **changes):
+    cfg_path = path / "spon" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(changes)
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def _edit_tensors(path, edit):
+    file = path / "spon" / "spon.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p, m: _edit_config(p, format_version=99), "unknown format_version 99"),
+        (lambda p, m: _edit_config(p, projections=["x_proj"]), "projections must be"),
+        (lambda p, m: _edit_config(p, method="teal"), "bias_space is required"),
+        (lambda p, m: (p / "spon" / "spon.safetensors").unlink(), "spon.safetensors is missing"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.pop(f"{m}.threshold")), "thresholds do not match"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(float("nan"))})),
+         "tensor {m}.threshold is nan"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(-1.0)})),
+         "tensor {m}.threshold is -1.0"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.zeros(2)})),
+         "tensor {m}.threshold must be a 0-d float"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.zeros(2, 2)})),
+         "tensor {m}.spon_bias must be a 1-d float vector"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.full((4,), float("inf"))})),
+         "tensor {m}.spon_bias holds NaN or Inf"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({"stray.weight": torch.zeros(1)})),
+         "unexpected tensor 'stray.weight'"),
+    ],
+)
+def test_rejections_name_file_and_tensor(tiny_llama_dir, tmp_path, tiny_modules, corrupt, message):
+    path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules)
+    module = sorted(tiny_modules)[0]
+    corrupt(path, module)
+    with pytest.raises(CheckpointError, match=message.format(m=re.escape(module))) as info:
+        load_checkpoint(path)
+    assert str(path / "spon") in str(info.value)
+
+
+def test_rejects_checkpoint_of_another_base_model(tiny_llama_dir, tmp_path, tiny_modules):
+    path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules)
+    config = read_config(path)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] += 1e-3
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="are not those the checkpoint was calibrated on"):
+        check_base_model(config, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="calibrated for LlamaForCausalLM"):
+        check_base_model(config, other)

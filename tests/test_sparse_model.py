@@ -1,0 +1,102 @@
+"""The reference sparse model: modes, threshold fitting, SPON fusion (tiny random Llama, float32)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_spon.calibration.evaluate import measure_sparsity
+from vllm_spon.calibration.sparse_model import SparseModel
+from vllm_spon.calibration.thresholds import SiteSamples, fit_thresholds, greedy_allocation
+from vllm_spon.kernels.reference import sparse_linear_reference, sparsify
+
+
+@pytest.fixture()
+def tiny(tiny_llama_dir):
+    return SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
+
+
+@pytest.fixture()
+def windows():
+    return torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(1))
+
+
+def test_sparsify_zeroes_exactly_the_small_entries():
+    x = torch.tensor([[-0.375, 0.125, 0.25, -0.0625, 0.3125]])  # exact in every float dtype
+    expected = torch.tensor([[-0.375, 0.0, 0.0, 0.0, 0.3125]])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(sparsify(x.to(dtype), 0.25), expected.to(dtype))  # |x| == t is dropped too
+
+
+def test_reference_linear_uses_one_threshold_per_segment():
+    torch.manual_seed(0)
+    x, w_t, bias = torch.randn(3, 8), torch.randn(8, 6), torch.randn(6)
+    t = torch.tensor([0.0, 0.5, 10.0])
+    y = sparse_linear_reference(x, w_t, t, [2, 4, 6], bias)
+    torch.testing.assert_close(y[:, :2], x @ w_t[:, :2] + bias[:2])
+    torch.testing.assert_close(y[:, 2:4], sparsify(x, 0.5) @ w_t[:, 2:4] + bias[2:4])
+    torch.testing.assert_close(y[:, 4:], bias[4:].expand(3, 2))  # every input dropped
+
+
+def test_zero_thresholds_are_dense(tiny, windows):
+    with tiny.use("dense"):
+        dense = tiny.logits(windows)
+    with tiny.use("teal"):
+        teal = tiny.logits(windows)
+    torch.testing.assert_close(teal, dense, rtol=0, atol=0)
+
+
+def test_site_samples_quantile_is_exact_on_known_values():
+    samples = SiteSamples(per_site=10_000, num_batches=1)
+    x = torch.arange(1, 1001, dtype=torch.float32)  # |x| = 1..1000
+    samples.observe("model.layers.0.mlp.down_proj", x)
+    t = samples.threshold("model.layers.0.mlp.down_proj", 0.5)
+    kept = (x.abs() > t).float().mean().item()
+    assert abs(kept - 0.5) < 0.03  # sampled with replacement: within a few percent
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.7])
+def test_sequential_thresholds_hit_target_sparsity(tiny, windows, target):
+    fit_thresholds(tiny, windows, dict.fromkeys(tiny.linears, target), stats="sequential", refine_passes=2)
+    weighted, per_module = measure_sparsity(tiny, windows, "teal")
+    assert weighted == pytest.approx(target, abs=0.01)
+    for module, sparsity in per_module.items():
+        assert sparsity == pytest.approx(target, abs=0.02), module
+
+
+def test_dense_statistics_hit_target_on_the_dense_inputs(tiny, windows):
+    fit_thresholds(tiny, windows, dict.fromkeys(tiny.linears, 0.5), stats="dense")
+    # Measured on dense activations, the first block's attention input is exactly on target.
+    first = "model.layers.0.self_attn.q_proj"
+    x = []
+    with tiny.use("dense"), tiny.observe_inputs(lambda m, t: x.append(t) if m == first else None):
+        tiny.hidden_states(windows)
+    dropped = (torch.cat(x).abs() <= tiny.thresholds[first]).float().mean().item()
+    assert dropped == pytest.approx(0.5, abs=0.01)
+
+
+def test_greedy_allocation_meets_block_budget(tiny, windows):
+    allocation = greedy_allocation(tiny, windows, 0.5, step=0.1)
+    for layer in range(2):
+        modules = [m for m in allocation if f".layers.{layer}." in m]
+        sizes = {m: tiny.linears[m].weight.numel() for m in modules}
+        weighted = sum(allocation[m] * sizes[m] for m in modules) / sum(sizes.values())
+        assert weighted == pytest.approx(0.5, abs=1e-6)
+    assert len(set(round(s, 3) for s in allocation.values())) > 1  # not uniform
+
+
+@pytest.mark.parametrize("space", ["input", "output"])
+def test_fused_bias_gives_the_unfused_logits(tiny, windows, space):
+    fit_thresholds(tiny, windows, dict.fromkeys(tiny.linears, 0.5), stats="dense")
+    torch.manual_seed(2)
+    for vec in tiny.init_vectors(space):
+        vec.data.normal_(0, 0.05)
+    with torch.no_grad(), tiny.use("spon"):
+        unfused = tiny.logits(windows)
+    with torch.no_grad(), tiny.use("teal"):
+        teal = tiny.logits(windows)
+    tiny.fuse_vectors()
+    assert not tiny.vectors and len(tiny.fused_biases) == len(tiny.linears)
+    with torch.no_grad(), tiny.use("spon"):
+        fused = tiny.logits(windows)
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+    assert (fused - teal).abs().max() > 1e-2  # the biases do change the output
