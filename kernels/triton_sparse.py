@@ -1,0 +1,243 @@
+"""Triton kernels of the sparse linear: decode-sized GEMV/skinny GEMM over `W^T [in, out]` that read only the
+weight rows whose input survives the threshold, plus the fused thresholding that feeds the dense path.
+
+One launch computes `y = bias + S(x) @ W^T` for all segments of a fused layer (q/k/v, gate/up): a column tile
+never straddles a segment, so it reads one threshold. The grid is (column tiles, K splits); with several
+splits each program writes an fp32 partial, and the last program of a column tile (a per-tile arrival
+counter, reset by that program) sums the partials in a fixed order, adds the bias and writes `y`. So there is
+no zero-fill launch, no atomics on the output, and the result is deterministic. Importing this module needs
+Triton but not a GPU.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SEGMENTS = 4  # segments one launch handles; more are launched in groups
+_MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
+
+
+@dataclass(frozen=True)
+class Config:
+    """A launch configuration. `dot`: tokens padded to 16 and multiplied on tensor cores (any T);
+    otherwise the FMA GEMV (T == 1 only). `split_k`: programs along the input dimension."""
+
+    bn: int
+    bm: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    dot: bool = True
+
+
+@triton.jit
+def _sparse_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    thr_ptr,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
+    T,
+    K,
+    N,
+    stride_x,
+    stride_w,
+    stride_y,
+    k_per_split,
+    end1,
+    end2,
+    end3,
+    HAS_BIAS: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    mask_n = offs_n < N
+    # The tile's segment: column tiles never straddle a segment end (the launcher picks BN so).
+    seg = (n0 >= end1).to(tl.int32) + (n0 >= end2).to(tl.int32) + (n0 >= end3).to(tl.int32)
+    thr = tl.load(thr_ptr + seg)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    if BT == 1:  # GEMV: masked rows are never loaded, FMA in fp32
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BM):
+            offs_k = k0 + tl.arange(0, BM)
+            xv = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            keep = (tl.abs(xv) > thr) & (offs_k < k_hi)
+            w = tl.load(
+                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & mask_n[None, :], other=0.0
+            )
+            acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+        offs_y = offs_n
+        mask_y = mask_n
+        offs_p = offs_n
+    else:  # tokens on tensor cores; a row is read once if any token keeps it (union mask)
+        offs_t = tl.arange(0, BT)
+        mask_t = offs_t < T
+        acc = tl.zeros([BT, BN], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BM):
+            offs_k = k0 + tl.arange(0, BM)
+            in_k = offs_k < k_hi
+            xm = tl.load(
+                x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & in_k[None, :], other=0.0
+            )
+            keep = (tl.abs(xm.to(tl.float32)) > thr) & mask_t[:, None] & in_k[None, :]
+            rows = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = tl.load(
+                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=rows[:, None] & mask_n[None, :], other=0.0
+            )
+            xs = tl.where(keep, xm, 0.0)
+            if UPCAST_DOT:  # Triton's CPU interpreter multiplies the raw bits of bf16 operands
+                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc, input_precision=PRECISION)
+        offs_y = offs_t[:, None] * stride_y + offs_n[None, :]
+        mask_y = mask_t[:, None] & mask_n[None, :]
+        offs_p = offs_t[:, None] * N + offs_n[None, :]
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += bias
+        tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    else:
+        tl.store(part_ptr + pid_k * T * N + offs_p, acc, mask=mask_y)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last program of this column tile reduces, in split order
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + s * T * N + offs_p, mask=mask_y, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += bias
+            tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask_y)
+            tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _sparsify_segments_kernel(x_ptr, thr_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out[s] = S_{t_s}(x) for every segment s (grid axis 1): one read of x for the dense path."""
+    seg = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    thr = tl.load(thr_ptr + seg)
+    tl.store(out_ptr + seg * numel + offs, tl.where(tl.abs(x.to(tl.float32)) > thr, x, 0.0), mask=mask)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per column tile, kept zero by the kernel itself (reset by the reducer).
+
+    Shared by every launch on the device: launches on one stream are ordered, which is how decode runs.
+    """
+    cnt = _counters.get(device)
+    if cnt is None:
+        cnt = _counters[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return cnt
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def launch(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    segment_ends: Sequence[int],
+    bias: torch.Tensor | None,
+    config: Config,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`y = bias + S(x) @ weight_t` per segment, with the sparse kernel under `config` (no host sync)."""
+    T, N = x.shape[0], weight_t.shape[1]
+    y = torch.empty((T, N), dtype=x.dtype, device=x.device) if out is None else out
+    ends = list(segment_ends)
+    starts = [0, *ends[:-1]]
+    # A column tile reads one threshold: BN must divide every segment's size, and one launch takes at
+    # most MAX_SEGMENTS segments. Otherwise launch per segment on column slices (strided views).
+    bn = min(config.bn, *(_pow2_divisor(e - s) for s, e in zip(starts, ends, strict=True)))
+    if bn < 16 or len(ends) > MAX_SEGMENTS:
+        for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
+            _launch_one(
+                x,
+                weight_t[:, s:e],
+                thresholds[i : i + 1],
+                [e - s],
+                None if bias is None else bias[s:e],
+                config,
+                config.bn,
+                y[:, s:e],
+            )
+        return y
+    _launch_one(x, weight_t, thresholds, ends, bias, config, bn, y)
+    return y
+
+
+def _launch_one(x, w, thresholds, ends, bias, config: Config, bn: int, y) -> None:
+    T, K = x.shape
+    N = w.shape[1]
+    dot = config.dot or T > 1
+    bt = max(16, triton.next_power_of_2(T)) if dot else 1
+    bm = max(config.bm, 16) if dot else config.bm
+    split_k = max(1, min(config.split_k, triton.cdiv(K, bm)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), bm) * bm
+    split_k = triton.cdiv(K, k_per_split)
+    n_tiles = triton.cdiv(N, bn)
+    part = y if split_k == 1 else torch.empty((split_k, T, N), dtype=torch.float32, device=x.device)
+    cnt = _arrival_counters(x.device)
+    assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
+    inner = [*ends[:-1], N, N, N][:3]
+    _sparse_matmul_kernel[(n_tiles, split_k)](
+        x,
+        w,
+        thresholds,
+        y if bias is None else bias,
+        y,
+        part,
+        cnt,
+        T,
+        K,
+        N,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        k_per_split,
+        *inner,
+        HAS_BIAS=bias is not None,
+        BT=bt,
+        BM=bm,
+        BN=bn,
+        SPLIT_K=split_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=x.device.type == "cpu",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def sparsify_segments(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """`[n_seg, *x.shape]`: S_{t_s}(x) for each threshold, in one launch (x contiguous)."""
+    out = torch.empty((thresholds.numel(), *x.shape), dtype=x.dtype, device=x.device)
+    block = 2048
+    _sparsify_segments_kernel[(triton.cdiv(x.numel(), block), thresholds.numel())](
+        x, thresholds, out, x.numel(), BLOCK=block
+    )
+    return out

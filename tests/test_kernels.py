@@ -1,0 +1,166 @@
+"""The sparse linear kernels against the PyTorch reference, on the CPU: the Triton kernels under Triton's
+interpreter (small shapes), the dispatch and config table, and the CPU torch path. tests/test_kernels_gpu.py
+runs the same kernels compiled, at Llama shapes, on a GPU."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_spon.kernels import sparse_linear, sparse_linear_reference, sparsify
+
+# Triton picks its CPU interpreter when kernels (its own library's too) are decorated, at import: so the
+# kernel tests run in a fresh `TRITON_INTERPRET=1` process that imports Triton first (test_in_interpreter),
+# and no Triton import here leaks into the rest of the suite or into the GPU tests.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+if INTERPRETER:
+    pytest.importorskip("triton")
+    from vllm_spon.kernels import triton_sparse as ts
+else:
+    ts = None
+
+
+def test_in_interpreter():
+    if INTERPRETER:
+        pytest.skip("already in the interpreter process")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+CONFIGS = {  # FMA GEMV (one token only) and tensor-core kernel, without and with a K split: (bn, bm, split_k)
+    "fma": (32, 16, 1, False),
+    "fma-split": (32, 16, 3, False),
+    "dot": (32, 16, 1, True),
+    "dot-split": (32, 32, 2, True),
+}
+SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
+
+
+def _problem(tokens, k, ends, dtype, bias=True, quantiles=(0.3, 0.6, 0.8)):
+    x = torch.randn(tokens, k).to(dtype)
+    w = (torch.randn(k, ends[-1]) / k**0.5).to(dtype)
+    q = torch.tensor(quantiles[: len(ends)])
+    thresholds = torch.quantile(x.float().abs().flatten(), q).float()
+    b = torch.randn(ends[-1]).to(dtype) if bias else None
+    return x, w, thresholds, b
+
+
+def _rel_err(y, ref):
+    assert not y.isnan().any(), "output not fully written"
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _launch(x, w, thresholds, ends, b, config):
+    """The kernel into a NaN-poisoned output; config a name of CONFIGS or a Config."""
+    if isinstance(config, str):
+        bn, bm, split_k, dot = CONFIGS[config]
+        config = ts.Config(bn, bm, split_k, dot=dot)
+    out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
+    return ts.launch(x, w, thresholds, ends, b, config, out=out)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("segments", SEGMENTS)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+def test_kernel_matches_reference(dtype, segments, config, tokens):
+    if config.startswith("fma") and tokens > 1:
+        pytest.skip("the FMA GEMV is for one token; launch() takes the tensor-core kernel for more")
+    ends = SEGMENTS[segments]
+    x, w, thr, b = _problem(tokens, 80, ends, dtype, bias=segments != "one")
+    y = _launch(x, w, thr, ends, b, config)
+    assert y.dtype == dtype
+    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b).float()) < TOL[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("config", ["fma-split", "dot-split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
+    ends = SEGMENTS["qkv"]
+    tokens = 1 if config == "fma-split" else 3
+    x, w, _, b = _problem(tokens, 64, ends, dtype)
+    y = _launch(x, w, torch.zeros(3), ends, b, config)
+    assert _rel_err(y, x.float() @ w.float() + b.float()) < TOL[dtype]
+    y = _launch(x, w, torch.full((3,), 1e9), ends, b, config)
+    assert torch.equal(y, b.expand_as(y))
+    y = _launch(x, w, torch.tensor([0.0, 1e9, 0.0]), ends, None, config)  # one segment all dropped
+    assert torch.equal(y[:, 64:96], torch.zeros_like(y[:, 64:96]))
+    assert _rel_err(y[:, :64], x.float() @ w[:, :64].float()) < TOL[dtype]
+
+
+@interpreted
+def test_union_mask_reads_rows_any_token_keeps():
+    """Tokens with disjoint surviving inputs: each token must see only its own, the rows read are the union."""
+    k, ends = 64, [32]
+    x = torch.zeros(4, k)
+    for t in range(4):
+        x[t, t * 16 : (t + 1) * 16] = torch.randn(16).abs() + 1.0
+    x += torch.randn(4, k) * 0.01  # below the threshold, never zero
+    w = torch.randn(k, 32)
+    thr = torch.tensor([0.5])
+    y = _launch(x, w, thr, ends, None, "dot-split")
+    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends)) < TOL[torch.float32]
+
+
+@interpreted
+def test_sparsify_segments_matches_sparsify():
+    x = torch.randn(3, 50).bfloat16()
+    thr = torch.tensor([0.2, 0.9])
+    out = ts.sparsify_segments(x, thr)
+    for i in range(2):
+        assert torch.equal(out[i], sparsify(x, thr[i]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("segments", ["one", "qkv"])
+def test_cpu_path_matches_reference(dtype, tokens, segments):
+    ends = SEGMENTS[segments]
+    x, w, thr, b = _problem(tokens, 96, ends, dtype)
+    y = sparse_linear(x, w, thr, ends, b)
+    assert y.dtype == dtype and y.shape == (tokens, ends[-1])
+    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[dtype]
+    y = sparse_linear(x, w, torch.full((len(ends),), 1e9), ends, b)  # nothing survives
+    assert torch.allclose(y.float(), b.float().expand_as(y))
+
+
+@interpreted
+def test_config_selection():
+    from vllm_spon.kernels import configs
+
+    assert configs.select(4096, 4096, 17, torch.bfloat16) is None  # prefill: dense
+    for tokens in (1, 3, 16):
+        for k, n in ((4096, 14336), (576, 1536), (100000, 64)):  # tuned and unseen shapes
+            config = configs.select(k, n, tokens, torch.bfloat16)
+            if config is not None:
+                assert config.bn >= 16 and config.bm >= 16 and 1 <= config.split_k <= max(1, k // config.bm)
+                assert tokens == 1 or config.dot
+    bf16, fp32 = (configs.select(576, 1536, 1, d) for d in (torch.bfloat16, torch.float32))
+    if bf16 is not None:
+        assert fp32.bn == max(16, bf16.bn // 2)
+        x, w, thr, b = _problem(1, 576, [1536], torch.float32)  # a heuristic config runs correctly
+        y = _launch(x, w, thr, [1536], b, fp32)
+        assert _rel_err(y, sparse_linear_reference(x, w, thr, [1536], b)) < TOL[torch.float32]
+
+
+def test_import_without_triton_or_cuda_init():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, vllm_spon.kernels as k\n"
+        "assert not k.HAS_TRITON and not k.has_triton_cuda()\n"
+        "x = torch.randn(1, 8); w = torch.randn(8, 4)\n"
+        "y = k.sparse_linear(x, w, torch.tensor([0.5]), [4])\n"
+        "assert torch.allclose(y, k.sparse_linear_reference(x, w, torch.tensor([0.5]), [4]), atol=1e-6)\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,88 @@
+"""The compiled Triton path of `sparse_linear` on a CUDA GPU, at Llama-3-8B shapes (skipped without one):
+correctness against the float32 reference for every dispatch branch, determinism, no host synchronisation,
+CUDA-graph capture and torch.compile through a custom op."""
+
+import pytest
+import torch
+
+from vllm_spon.kernels import has_triton_cuda, sparse_linear, sparse_linear_reference
+
+pytestmark = pytest.mark.skipif(not has_triton_cuda(), reason="needs a CUDA GPU and Triton")
+
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+SHAPES = {"qkv": (4096, [4096, 5120, 6144]), "down": (14336, [4096]), "gate_up": (4096, [14336, 28672])}
+
+
+def _problem(tokens, k, ends, dtype, bias=True):
+    x = torch.randn(tokens, k, device="cuda").to(dtype)
+    w = (torch.randn(k, ends[-1], device="cuda") / k**0.5).to(dtype)
+    q = torch.tensor([0.55, 0.35, 0.7][: len(ends)], device="cuda")
+    thresholds = torch.quantile(x.float().abs().flatten(), q).float()
+    b = (torch.randn(ends[-1], device="cuda") * 0.1).to(dtype) if bias else None
+    return x, w, thresholds, b
+
+
+def _rel_err(y, ref):
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 16, 17, 64])
+def test_matches_reference(dtype, shape, tokens):
+    k, ends = SHAPES[shape]
+    x, w, thr, b = _problem(tokens, k, ends, dtype, bias=tokens % 2 == 1)
+    y = sparse_linear(x, w, thr, ends, b)
+    assert y.dtype == dtype and y.shape == (tokens, ends[-1]) and not y.isnan().any()
+    assert _rel_err(y, sparse_linear_reference(x.float(), w.float(), thr, ends, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_edge_thresholds_and_determinism(tokens):
+    k, ends = SHAPES["qkv"]
+    x, w, _, b = _problem(tokens, k, ends, torch.bfloat16)
+    y = sparse_linear(x, w, torch.zeros(3, device="cuda"), ends, b)
+    assert _rel_err(y, x.float() @ w.float() + b.float()) < TOL[torch.bfloat16]
+    assert torch.equal(y, sparse_linear(x, w, torch.zeros(3, device="cuda"), ends, b))  # fixed reduction order
+    y = sparse_linear(x, w, torch.full((3,), 1e9, device="cuda"), ends, b)
+    assert torch.equal(y, b.expand_as(y))
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64])
+def test_no_host_sync_and_cuda_graph(tokens):
+    k, ends = SHAPES["qkv"]
+    x, w, thr, b = _problem(tokens, k, ends, torch.bfloat16)
+    sparse_linear(x, w, thr, ends, b)  # compile and allocate outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sparse_linear(x, w, thr, ends, b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sparse_linear(x, w, thr, ends, b)
+    for _ in range(3):  # fresh inputs and thresholds through the captured buffers
+        x2, _, thr2, _ = _problem(tokens, k, ends, torch.bfloat16)
+        x.copy_(x2)
+        thr.copy_(thr2)
+        graph.replay()
+        ref = sparse_linear_reference(x.float(), w.float(), thr, ends, b)
+        assert _rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_torch_compile_custom_op():
+    @torch.library.custom_op("spon_kernels_test::sparse_linear", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor, thr: torch.Tensor, ends: list[int], b: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, w, thr, ends, b)
+
+    @op.register_fake
+    def _(x, w, thr, ends, b):
+        return x.new_empty((x.shape[0], w.shape[1]))
+
+    k, ends = SHAPES["qkv"]
+    fn = torch.compile(lambda x, w, thr, b: torch.relu(op(x, w, thr, ends, b)), fullgraph=True, dynamic=True)
+    for tokens in (1, 4, 64):
+        x, w, thr, b = _problem(tokens, k, ends, torch.bfloat16)
+        ref = torch.relu(sparse_linear_reference(x.float(), w.float(), thr, ends, b))
+        assert _rel_err(fn(x, w, thr, b), ref) < TOL[torch.bfloat16]
