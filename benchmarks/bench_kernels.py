@@ -3,15 +3,18 @@
     python benchmarks/bench_kernels.py --out DIR           # table with the committed configs
     python benchmarks/bench_kernels.py --tune --out DIR    # sweep kernel configs first; writes DIR/tuned_h100.py
 
-Every timing is the median (triton do_bench) of a CUDA graph of ROTATION calls that cycle through several
-weight copies (more than the L2 holds together) and input sets; a sparsity s means the threshold is the
-s-quantile of |x| of each input set (random normal data, never zeros). Each configuration is checked against
-`sparse_linear_reference` (poisoned output) before it is timed. "dense" is the faster of cuBLAS on the two
-weight layouts (`F.linear` on [out, in], `addmm` on [in, out]), bias included; "e2e" is what the plugin gets:
-`sparse_linear` with its dispatch. "ideal" is 1 / (fraction of weight rows some token keeps).
+Timing: a CUDA graph of one call per weight copy (about 1 GB of copies, so that even at 90% sparsity a
+copy's rows have left the 50 MB L2 before it comes round again), cycling through 8 input sets, replayed
+back to back; the median over repeats, per call. No L2 flush: its dirty lines would be written back inside
+the next timed kernel. A sparsity s means the threshold is the s-quantile of |x| of each input set (random
+normal data, never zeros). Each configuration is checked against `sparse_linear_reference` (poisoned output)
+before it is timed. "dense" is the faster of cuBLAS on the two weight layouts (`F.linear` on [out, in],
+`addmm` on [in, out]), bias included; "sparse" is what the plugin gets: `sparse_linear` with its dispatch.
+"ideal" is 1 / (fraction of weight rows some token keeps).
 """
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -36,16 +39,16 @@ SHAPES = {  # name: (in, segment ends)
     "o 4096->4096": (4096, [4096]),
     "gate_up fused 4096->2x14336": (4096, [14336, 28672]),
 }
-TOKENS = (1, 2, 4, 8, 16)
-PREFILL_TOKENS = (64, 512)
+TOKENS = configs.TOKEN_BUCKETS
+PREFILL_TOKENS = (128, 512)
 TUNE_SPARSITIES = (0.5, 0.0, 0.75)  # all configs at the first, the best few at all three
 TABLE_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
-ROTATION = 8  # calls per graph
-ROTATION_BYTES = 160e6  # weight copies per shape: together over 3x an H100's 50 MB L2
+INPUT_SETS = 8
+ROTATION_BYTES = 1e9  # weight copies per shape
 DTYPE = torch.bfloat16
 
 
-def bench_us(calls: list[Callable[[], object]]) -> float:
+def bench_us(calls: list[Callable[[], object]], replays: int = 10, repeats: int = 9) -> float:
     """Median µs per call of a CUDA graph of `calls` (warmed up first, outside the graph)."""
     for f in calls:
         f()
@@ -54,9 +57,18 @@ def bench_us(calls: list[Callable[[], object]]) -> float:
     with torch.cuda.graph(graph):
         for f in calls:
             f()
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
     del graph
-    return ms * 1e3 / len(calls)
+    return sorted(times)[repeats // 2]
 
 
 class Case:
@@ -72,11 +84,11 @@ class Case:
         self._refs: dict[tuple[int, float], torch.Tensor] = {}
 
     def inputs(self, tokens: int, s: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """ROTATION (x, thresholds) sets with threshold = s-quantile of |x| (0 for s = 0)."""
+        """INPUT_SETS (x, thresholds) sets with threshold = s-quantile of |x| (0 for s = 0)."""
         key = (tokens, s)
         if key not in self._inputs:
             sets = []
-            for _ in range(ROTATION):
+            for _ in range(INPUT_SETS):
                 x = torch.randn(tokens, self.k, device="cuda").to(DTYPE)
                 t = torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0
                 sets.append((x, torch.full((len(self.ends),), t, device="cuda")))
@@ -85,18 +97,22 @@ class Case:
 
     def union(self, tokens: int, s: float) -> float:
         """Fraction of weight rows that some token keeps (first segment's threshold)."""
-        return sum(float((x.float().abs() > t[0]).any(0).float().mean()) for x, t in self.inputs(tokens, s)) / ROTATION
+        return (
+            sum(float((x.float().abs() > t[0]).any(0).float().mean()) for x, t in self.inputs(tokens, s)) / INPUT_SETS
+        )
 
-    def calls(self, fn: Callable, tokens: int, s: float) -> list[Callable[[], object]]:
+    def calls(self, fn: Callable, tokens: int, s: float, weights: list[torch.Tensor] | None = None) -> list:
+        """One fn(x, w, t) call per weight copy, cycling through the input sets."""
         sets = self.inputs(tokens, s)
-        return [lambda i=i: fn(sets[i][0], self.w[i % len(self.w)], sets[i][1]) for i in range(ROTATION)]
+        return [
+            lambda i=i, w=w: fn(sets[i % INPUT_SETS][0], w, sets[i % INPUT_SETS][1])
+            for i, w in enumerate(weights or self.w)
+        ]
 
     def dense_us(self, tokens: int) -> tuple[float, float]:
         """(F.linear on [out, in], addmm on [in, out]) µs: cuBLAS on the unthresholded input."""
-        sets = self.inputs(tokens, 0.0)
-        nw = len(self.w)
-        lin = bench_us([lambda i=i: F.linear(sets[i][0], self.w_linear[i % nw], self.bias) for i in range(ROTATION)])
-        mm = bench_us([lambda i=i: torch.addmm(self.bias, sets[i][0], self.w[i % nw]) for i in range(ROTATION)])
+        lin = bench_us(self.calls(lambda x, w, t: F.linear(x, w, self.bias), tokens, 0.0, self.w_linear))
+        mm = bench_us(self.calls(lambda x, w, t: torch.addmm(self.bias, x, w), tokens, 0.0))
         return lin, mm
 
     def check(self, fn: Callable, tokens: int, s: float, **kwargs) -> float:
@@ -113,18 +129,29 @@ class Case:
 
 
 def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
-    """The sweep: FMA GEMV (one token) and tensor-core kernels, 128 to 1600 programs."""
+    """The sweep. One token: the FMA GEMV, from one tile of rows per program (all its loads in flight at
+    once) to a few, and the tensor-core kernel; more tokens: the tensor-core kernel, with the fp32 partials
+    of a K split kept under a tenth of the weight bytes."""
     out = []
-    flavours = [(False, (128, 256), (32, 64), (4, 8), (1,)), (True, (64, 128, 256), (64, 128), (4,), (2, 4))]
-    for dot, bns, bms, warps, stages in flavours[(tokens > 1) :]:
-        for bn in bns:
-            for bm in bms:
-                for nw in warps:
-                    for ns in stages:
-                        for sk in (1, 2, 4, 8, 16, 32, 64):
-                            fits = ns * bm * bn * 2 <= 160 * 1024  # shared memory of the pipelined stages
-                            if fits and 128 <= triton.cdiv(n, bn) * sk <= 1600 and k // sk >= bm:
-                                out.append(ts.Config(bn, bm, sk, nw, ns, dot))
+    splits = [2**i for i in range(12) if 2**i <= k // 32]
+    if tokens == 1:
+        for bn, bm, nw in itertools.product((64, 128, 256), (32, 64, 128, 256), (2, 4, 8)):
+            if 16 <= bm * bn // (32 * nw) <= 128:  # weight elements per thread
+                out += [
+                    ts.Config(bn, bm, sk, nw, 1, False)
+                    for sk in splits
+                    if k // sk >= bm and 264 <= triton.cdiv(n, bn) * sk <= 16384
+                ]
+    bt = max(16, triton.next_power_of_2(tokens))
+    for bn, bm, ns in itertools.product((64, 128, 256), (32, 64, 128), (1, 3)):
+        if bt * bn <= 8192 and ns * bm * bn * 2 <= 160 * 1024:  # accumulator registers, shared memory
+            out += [
+                ts.Config(bn, bm, sk, 4, ns, True)
+                for sk in splits
+                if k // sk >= bm
+                and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 8192)
+                and (sk == 1 or 2 * sk * tokens * n * 4 <= k * n * 2 / 10)
+            ]
     return out
 
 
@@ -180,6 +207,10 @@ def tune(cases: dict[str, Case], log) -> dict:
                 except Exception as e:
                     print(f"FAILED {name} T={tokens} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             results.sort(key=lambda r: r[0])
+            if not results:
+                print(f"tune {name:28} T={tokens:2} no working config -> dense", flush=True)
+                table[(case.k, case.n, tokens)] = None
+                continue
             finalists = []
             for us, config, run in results[:5]:
                 times = [us] + [bench_us(case.calls(run, tokens, s)) for s in TUNE_SPARSITIES[1:]]
@@ -259,6 +290,24 @@ def measure(cases: dict[str, Case], log) -> list[dict]:
     return rows
 
 
+def dense_anatomy(case: Case, tokens: int) -> str:
+    """Where the dense path's time goes for a fused layer: thresholding, the per-segment matmuls, the bias."""
+    segs = list(zip([0, *case.ends[:-1]], case.ends, strict=True))
+    y = torch.empty(tokens, case.n, device="cuda", dtype=DTYPE)
+    stacked = ts.sparsify_segments(case.inputs(tokens, 0.5)[0][0], case.inputs(tokens, 0.5)[0][1])
+
+    def mms(x, w, t):
+        for i, (a, b) in enumerate(segs):
+            torch.mm(stacked[i], w[:, a:b], out=y[:, a:b])
+
+    parts = {
+        "sparsify": bench_us(case.calls(lambda x, w, t: ts.sparsify_segments(x, t), tokens, 0.5)),
+        "segment mms": bench_us(case.calls(mms, tokens, 0.5)),
+        "bias add": bench_us([lambda: y.add_(case.bias)] * 8),
+    }
+    return f"dense path anatomy T={tokens}: " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
+
+
 def markdown(rows: list[dict]) -> str:
     out = [
         "| shape | T | s | dense us | sparse us | ratio | ideal | path |",
@@ -306,6 +355,10 @@ def main() -> None:
         configs.TUNED.update(table)
     with open(args.out / "bench.jsonl", "w") as log:
         rows = measure(cases, log)
+    for name, case in cases.items():
+        if len(case.ends) > 1:
+            for tokens in (16, *PREFILL_TOKENS):
+                print(name, dense_anatomy(case, tokens), flush=True)
     (args.out / "bench.json").write_text(
         json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows}, indent=1)
     )

@@ -76,11 +76,8 @@ def _dense(
         return xs @ weight_t if bias is None else torch.addmm(bias.to(x.dtype), xs, weight_t)
     y = x.new_empty((x.shape[0], weight_t.shape[1]))
     for i, (s, e) in enumerate(_segments(segment_ends)):
-        if bias is None:
-            torch.mm(sparse_input(i), weight_t[:, s:e], out=y[:, s:e])
-        else:
-            torch.addmm(bias[s:e].to(x.dtype), sparse_input(i), weight_t[:, s:e], out=y[:, s:e])
-    return y
+        torch.mm(sparse_input(i), weight_t[:, s:e], out=y[:, s:e])
+    return y if bias is None else y.add_(bias)
 
 
 def _skip_rows(

@@ -13,13 +13,13 @@ import torch
 from .triton_sparse import Config
 from .tuned_h100 import TUNED
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # tuned token counts; a count takes the next bucket up, none above 16
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # tuned token counts; a count takes the next bucket up
 
 
 def select(k: int, n: int, tokens: int, dtype: torch.dtype) -> Config | None:
     """The sparse-kernel config for x `[tokens, k]` @ W^T `[k, n]`, or None for the dense path."""
     bucket = next((b for b in TOKEN_BUCKETS if tokens <= b), None)
-    if bucket is None:
+    if bucket is None:  # prefill
         return None
     config = TUNED.get((k, n, bucket), ...)
     if config is ...:

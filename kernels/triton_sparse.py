@@ -78,7 +78,9 @@ def _sparse_matmul_kernel(
             xv = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
             keep = (tl.abs(xv) > thr) & (offs_k < k_hi)
             w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & mask_n[None, :], other=0.0
+                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & mask_n[None, :],
+                other=0.0,
+                eviction_policy="evict_first",  # each weight row is read once: keep x and partials in L2
             )
             acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
         offs_y = offs_n
@@ -97,7 +99,9 @@ def _sparse_matmul_kernel(
             keep = (tl.abs(xm.to(tl.float32)) > thr) & mask_t[:, None] & in_k[None, :]
             rows = tl.max(keep.to(tl.int32), axis=0) > 0
             w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=rows[:, None] & mask_n[None, :], other=0.0
+                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=rows[:, None] & mask_n[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
             )
             xs = tl.where(keep, xm, 0.0)
             if UPCAST_DOT:  # Triton's CPU interpreter multiplies the raw bits of bf16 operands
