@@ -130,10 +130,10 @@ class Case:
 
 def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
     """The sweep. One token: the FMA GEMV, from one tile of rows per program (all its loads in flight at
-    once) to a few, and the tensor-core kernel; more tokens: the tensor-core kernel, with the fp32 partials
-    of a K split kept under a tenth of the weight bytes."""
+    once) to a few, and the tensor-core kernel; more tokens: the tensor-core kernel. The fp32 partials of a
+    K split stay under a tenth of the weight bytes."""
     out = []
-    splits = [2**i for i in range(12) if 2**i <= k // 32]
+    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]  # partials < 10%
     if tokens == 1:
         for bn, bm, nw in itertools.product((64, 128, 256), (32, 64, 128, 256), (2, 4, 8)):
             if 16 <= bm * bn // (32 * nw) <= 128:  # weight elements per thread
@@ -148,9 +148,7 @@ def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
             out += [
                 ts.Config(bn, bm, sk, 4, ns, True)
                 for sk in splits
-                if k // sk >= bm
-                and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 8192)
-                and (sk == 1 or 2 * sk * tokens * n * 4 <= k * n * 2 / 10)
+                if k // sk >= bm and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 8192)
             ]
     return out
 
