@@ -40,7 +40,7 @@ SHAPES = {  # name: (in, segment ends)
     "gate_up fused 4096->2x14336": (4096, [14336, 28672]),
 }
 TOKENS = configs.TOKEN_BUCKETS
-PREFILL_TOKENS = (128, 512)
+PREFILL_TOKENS = (32, 64, 512)
 TUNE_SPARSITIES = (0.5, 0.0, 0.75)  # all configs at the first, the best few at all three
 TABLE_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
 INPUT_SETS = 8
@@ -129,27 +129,25 @@ class Case:
 
 
 def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
-    """The sweep. One token: the FMA GEMV, from one tile of rows per program (all its loads in flight at
-    once) to a few, and the tensor-core kernel; more tokens: the tensor-core kernel. The fp32 partials of a
-    K split stay under a tenth of the weight bytes."""
+    """The sweep (pruned by earlier runs, kernels/NOTES.md): for one token the pipelined FMA GEMV over wide
+    row segments, for any count the tensor-core kernel. The fp32 partials of a K split stay under a tenth of
+    the weight bytes."""
     out = []
-    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]  # partials < 10%
+    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]
     if tokens == 1:
-        for bn, bm, nw in itertools.product((64, 128, 256), (32, 64, 128, 256), (2, 4, 8)):
-            if 16 <= bm * bn // (32 * nw) <= 128:  # weight elements per thread
+        for bn, bm, nw in itertools.product((256, 512, 1024), (8, 16, 32, 64), (4, 8)):
+            if 16 <= bm * bn // (32 * nw) <= 64:  # weight elements per thread and tile
                 out += [
                     ts.Config(bn, bm, sk, nw, 1, False)
                     for sk in splits
-                    if k // sk >= bm and 264 <= triton.cdiv(n, bn) * sk <= 16384
+                    if k // sk >= 2 * bm and 264 <= triton.cdiv(n, bn) * sk <= 4096
                 ]
-    bt = max(16, triton.next_power_of_2(tokens))
-    for bn, bm, ns in itertools.product((64, 128, 256), (32, 64, 128), (1, 3)):
-        if bt * bn <= 8192 and ns * bm * bn * 2 <= 160 * 1024:  # accumulator registers, shared memory
-            out += [
-                ts.Config(bn, bm, sk, 4, ns, True)
-                for sk in splits
-                if k // sk >= bm and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 8192)
-            ]
+    for bn, bm, ns in itertools.product((128, 256), (32, 64), (3, 4)):
+        out += [
+            ts.Config(bn, bm, sk, 4, ns, True)
+            for sk in splits
+            if k // sk >= bm and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 4096)
+        ]
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 from .triton_sparse import Config
 from .tuned_h100 import TUNED
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # tuned token counts; a count takes the next bucket up
+TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # tuned token counts (next bucket up); more tokens: dense (NOTES.md)
 
 
 def select(k: int, n: int, tokens: int, dtype: torch.dtype) -> Config | None:

@@ -34,6 +34,22 @@ class Config:
 
 
 @triton.jit
+def _load_x(x_ptr, offs_k, k_hi):
+    return tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, keep):
+    """Rows `offs_k` of W^T where `keep`; a dropped row is never read (each row is read once: evict first)."""
+    return tl.load(
+        w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
+        mask=keep[:, None] & mask_n[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
+
+
+@triton.jit
 def _sparse_matmul_kernel(
     x_ptr,
     w_ptr,
@@ -71,18 +87,20 @@ def _sparse_matmul_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    if BT == 1:  # GEMV: masked rows are never loaded, FMA in fp32
+    if BT == 1:  # GEMV, FMA in fp32, software-pipelined by hand (Triton pipelines only loads feeding tl.dot):
+        # x runs two tiles ahead and the weight rows one tile ahead of the tile being reduced, so a program
+        # never waits on x before requesting rows, and keeps two tiles of rows in flight.
+        offs = k_lo + tl.arange(0, BM)
+        x0 = _load_x(x_ptr, offs, k_hi)
+        x1 = _load_x(x_ptr, offs + BM, k_hi)
+        w0 = _load_rows(w_ptr, offs, offs_n, mask_n, stride_w, (tl.abs(x0) > thr) & (offs < k_hi))
         acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BM):
-            offs_k = k0 + tl.arange(0, BM)
-            xv = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            keep = (tl.abs(xv) > thr) & (offs_k < k_hi)
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & mask_n[None, :],
-                other=0.0,
-                eviction_policy="evict_first",  # each weight row is read once: keep x and partials in L2
-            )
-            acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+        for k0 in range(k_lo + 2 * BM, k_hi + 2 * BM, BM):  # one step per tile of this program
+            offs = k0 + tl.arange(0, BM)
+            x2 = _load_x(x_ptr, offs, k_hi)
+            w1 = _load_rows(w_ptr, offs - BM, offs_n, mask_n, stride_w, (tl.abs(x1) > thr) & (offs - BM < k_hi))
+            acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
+            x0, x1, w0 = x1, x2, w1
         offs_y = offs_n
         mask_y = mask_n
         offs_p = offs_n
@@ -98,11 +116,7 @@ def _sparse_matmul_kernel(
             )
             keep = (tl.abs(xm.to(tl.float32)) > thr) & mask_t[:, None] & in_k[None, :]
             rows = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=rows[:, None] & mask_n[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
+            w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, rows)
             xs = tl.where(keep, xm, 0.0)
             if UPCAST_DOT:  # Triton's CPU interpreter multiplies the raw bits of bf16 operands
                 acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
