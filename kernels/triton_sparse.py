@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SEGMENTS = 4  # segments one launch handles; more are launched in groups
+MAX_SEGMENTS = 4  # segments one launch handles; more take one launch per segment
 _MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
 
 
