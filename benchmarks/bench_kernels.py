@@ -39,7 +39,7 @@ SHAPES = {  # name: (in, segment ends)
     "o 4096->4096": (4096, [4096]),
     "gate_up fused 4096->2x14336": (4096, [14336, 28672]),
 }
-TOKENS = configs.TOKEN_BUCKETS
+TOKENS = (1, 2, 4, 8, 16)  # the table; tuning covers configs.TOKEN_BUCKETS (more tokens go dense)
 PREFILL_TOKENS = (32, 64, 512)
 TUNE_SPARSITIES = (0.5, 0.0, 0.75)  # all configs at the first, the best few at all three
 TABLE_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -129,22 +129,17 @@ class Case:
 
 
 def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
-    """The sweep (pruned by earlier runs, kernels/NOTES.md): for one token the pipelined FMA GEMV over wide
-    row segments, for any count the tensor-core kernel. The fp32 partials of a K split stay under a tenth of
-    the weight bytes."""
+    """The sweep (pruned by earlier runs, kernels/NOTES.md): the one-tile GEMV for one token, the tensor-core
+    kernel for any count. Its fp32 partials of a K split stay under a tenth of the weight bytes."""
     out = []
-    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]
     if tokens == 1:
-        for bn, bm, nw in itertools.product((256, 512, 1024), (8, 16, 32, 64), (4, 8)):
-            if 16 <= bm * bn // (32 * nw) <= 64:  # weight elements per thread and tile
-                out += [
-                    ts.Config(bn, bm, sk, nw, 1, False)
-                    for sk in splits
-                    if k // sk >= 2 * bm and 264 <= triton.cdiv(n, bn) * sk <= 4096
-                ]
+        for bn, bm, nw in itertools.product((256, 512, 1024), (16, 32, 64), (2, 4, 8)):
+            if 32 <= bm * bn // (32 * nw) <= 256:  # weight elements per thread
+                out.append(ts.Config("gemv", bn, bm, num_warps=nw))
+    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]
     for bn, bm, ns in itertools.product((128, 256), (32, 64), (3, 4)):
         out += [
-            ts.Config(bn, bm, sk, 4, ns, True)
+            ts.Config("dot", bn, bm, sk, 4, ns)
             for sk in splits
             if k // sk >= bm and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 4096)
         ]
@@ -182,7 +177,7 @@ def tune(cases: dict[str, Case], log) -> dict:
     """Best config (or None: dense) per (in, out, tokens), by the geometric mean time over TUNE_SPARSITIES."""
     table = {}
     for name, case in cases.items():
-        for tokens in TOKENS:
+        for tokens in configs.TOKEN_BUCKETS:
 
             def stacked(x, w, t, c=case):  # the dense path of `sparse_linear`
                 return kernels._dense(x, w, c.ends, c.bias, ts.sparsify_segments(x, t).__getitem__)

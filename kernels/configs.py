@@ -6,6 +6,7 @@ Unseen shapes borrow the nearest tuned shape's choice (log distance), with split
 many programs in flight.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .triton_sparse import Config
 from .tuned_h100 import TUNED
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # tuned token counts (next bucket up); more tokens: dense (NOTES.md)
+TOKEN_BUCKETS = (1, 2)  # tuned token counts (next bucket up); more tokens: dense (NOTES.md)
 
 
 def select(k: int, n: int, tokens: int, dtype: torch.dtype) -> Config | None:
@@ -25,9 +26,7 @@ def select(k: int, n: int, tokens: int, dtype: torch.dtype) -> Config | None:
     if config is ...:
         config = _nearest(k, n, bucket)
     if config is not None and dtype == torch.float32:  # twice the bytes per element: same bytes per row
-        config = Config(
-            max(16, config.bn // 2), config.bm, config.split_k, config.num_warps, config.num_stages, config.dot
-        )
+        config = dataclasses.replace(config, bn=max(16, config.bn // 2))
     return config
 
 
@@ -39,13 +38,15 @@ def _nearest(k: int, n: int, bucket: int) -> Config | None:
     config = TUNED[(kk, nn, bucket)]
     if config is None:
         return None
+    if config.kind == "gemv":  # one tile per program: the grid follows the shape by itself
+        return config
     tiles = math.ceil(nn / config.bn) * config.split_k / math.ceil(n / config.bn)
-    split_k = max(1, min(round(tiles), k // config.bm))
-    return Config(config.bn, config.bm, split_k, config.num_warps, config.num_stages, config.dot)
+    return dataclasses.replace(config, split_k=max(1, min(round(tiles), k // config.bm)))
 
 
 def _default(k: int, n: int, bucket: int) -> Config:
-    """No table at all: about 4 programs per SM of an H100-sized GPU."""
-    bn = 128
-    split_k = max(1, min(528 // math.ceil(n / bn), k // 64))
-    return Config(bn, 64, split_k, num_warps=4, num_stages=3, dot=bucket > 1)
+    """No table at all: the GEMV for one token, else about 4 programs per SM of an H100-sized GPU."""
+    if bucket == 1:
+        return Config("gemv", bn=512, bm=32, num_warps=2)
+    split_k = max(1, min(528 // math.ceil(n / 128), k // 64))
+    return Config("dot", 128, 64, split_k, num_warps=4, num_stages=3)

@@ -1,16 +1,23 @@
-"""Triton kernels of the sparse linear: decode-sized GEMV/skinny GEMM over `W^T [in, out]` that read only the
-weight rows whose input survives the threshold, plus the fused thresholding that feeds the dense path.
+"""Triton kernels of the sparse linear: decode-sized products over `W^T [in, out]` that read only the weight
+rows whose input survives, plus the fused thresholding that feeds the dense path.
 
 One launch computes `y = bias + S(x) @ W^T` for all segments of a fused layer (q/k/v, gate/up): a column tile
-never straddles a segment, so it reads one threshold. The grid is (column tiles, K splits); with several
-splits each program writes an fp32 partial, and the last program of a column tile (a per-tile arrival
-counter, reset by that program) sums the partials in a fixed order, adds the bias and writes `y`. So there is
-no zero-fill launch, no atomics on the output, and the result is deterministic. Importing this module needs
-Triton but not a GPU.
+never straddles a segment, so it reads one threshold. Two kernels (kernels/NOTES.md has the measurements):
+
+- `_gemv_kernel` (one token): TEAL's grid of one-tile programs, which keeps enough loads in flight to hide
+  latency, but with partial sums added atomically into an fp32 workspace that stays in L2 and stays zero
+  between launches: the last program of a column tile adds the bias, writes `y` and re-zeroes its slice. One
+  launch, no zero-fill, no output conversion pass.
+- `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
+  keeps it; split-K partials reduced in a fixed order by the last program of a column tile.
+
+Both keep per-device state (the workspace, the arrival counters) that each launch leaves as it found it, so
+launches must be ordered: one stream, as in decode. Importing this module needs Triton but not a GPU.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
@@ -22,20 +29,26 @@ _MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
 
 @dataclass(frozen=True)
 class Config:
-    """A launch configuration. `dot`: tokens padded to 16 and multiplied on tensor cores (any T);
-    otherwise the FMA GEMV (T == 1 only). `split_k`: programs along the input dimension."""
+    """A launch configuration.
 
+    kind "gemv" (one token): one [bm, bn] tile of W^T per program, fp32 atomics (`_gemv_kernel`).
+    kind "dot" (any token count): tokens padded to 16 on tensor cores, `split_k` programs along the input
+    dimension, each looping over its share in bm-row steps (`_sparse_matmul_kernel`).
+    """
+
+    kind: Literal["gemv", "dot"]
     bn: int
     bm: int
-    split_k: int
+    split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    dot: bool = True
 
 
 @triton.jit
-def _load_x(x_ptr, offs_k, k_hi):
-    return tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+def _segment_threshold(thr_ptr, n0, end1, end2, end3):
+    """The threshold of the segment that column `n0` belongs to."""
+    seg = (n0 >= end1).to(tl.int32) + (n0 >= end2).to(tl.int32) + (n0 >= end3).to(tl.int32)
+    return tl.load(thr_ptr + seg)
 
 
 @triton.jit
@@ -47,6 +60,44 @@ def _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, keep):
         other=0.0,
         eviction_policy="evict_first",
     )
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    thr_ptr,
+    bias_ptr,
+    y_ptr,
+    ws_ptr,
+    cnt_ptr,
+    K,
+    N,
+    stride_w,
+    end1,
+    end2,
+    end3,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    thr = _segment_threshold(thr_ptr, pid_n * BN, end1, end2, end3)
+    offs_k = pid_k * BM + tl.arange(0, BM)
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, tl.abs(x) > thr)
+    tl.atomic_add(ws_ptr + offs_n, tl.sum(w.to(tl.float32) * x[:, None], axis=0), mask=mask_n, sem="relaxed")
+    tl.debug_barrier()  # every thread's atomics are issued before the release below
+    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+        tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -78,53 +129,31 @@ def _sparse_matmul_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n0 = pid_n * BN
-    offs_n = n0 + tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    # The tile's segment: column tiles never straddle a segment end (the launcher picks BN so).
-    seg = (n0 >= end1).to(tl.int32) + (n0 >= end2).to(tl.int32) + (n0 >= end3).to(tl.int32)
-    thr = tl.load(thr_ptr + seg)
+    thr = _segment_threshold(thr_ptr, pid_n * BN, end1, end2, end3)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-
-    if BT == 1:  # GEMV, FMA in fp32, software-pipelined by hand (Triton pipelines only loads feeding tl.dot):
-        # x runs two tiles ahead and the weight rows one tile ahead of the tile being reduced, so a program
-        # never waits on x before requesting rows, and keeps two tiles of rows in flight.
-        offs = k_lo + tl.arange(0, BM)
-        x0 = _load_x(x_ptr, offs, k_hi)
-        x1 = _load_x(x_ptr, offs + BM, k_hi)
-        w0 = _load_rows(w_ptr, offs, offs_n, mask_n, stride_w, (tl.abs(x0) > thr) & (offs < k_hi))
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(k_lo + 2 * BM, k_hi + 2 * BM, BM):  # one step per tile of this program
-            offs = k0 + tl.arange(0, BM)
-            x2 = _load_x(x_ptr, offs, k_hi)
-            w1 = _load_rows(w_ptr, offs - BM, offs_n, mask_n, stride_w, (tl.abs(x1) > thr) & (offs - BM < k_hi))
-            acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
-            x0, x1, w0 = x1, x2, w1
-        offs_y = offs_n
-        mask_y = mask_n
-        offs_p = offs_n
-    else:  # tokens on tensor cores; a row is read once if any token keeps it (union mask)
-        offs_t = tl.arange(0, BT)
-        mask_t = offs_t < T
-        acc = tl.zeros([BT, BN], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BM):
-            offs_k = k0 + tl.arange(0, BM)
-            in_k = offs_k < k_hi
-            xm = tl.load(
-                x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & in_k[None, :], other=0.0
-            )
-            keep = (tl.abs(xm.to(tl.float32)) > thr) & mask_t[:, None] & in_k[None, :]
-            rows = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, rows)
-            xs = tl.where(keep, xm, 0.0)
-            if UPCAST_DOT:  # Triton's CPU interpreter multiplies the raw bits of bf16 operands
-                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xs, w, acc, input_precision=PRECISION)
-        offs_y = offs_t[:, None] * stride_y + offs_n[None, :]
-        mask_y = mask_t[:, None] & mask_n[None, :]
-        offs_p = offs_t[:, None] * N + offs_n[None, :]
+    offs_t = tl.arange(0, BT)
+    mask_t = offs_t < T
+    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BM):  # a row is read once if any token keeps it (union mask)
+        offs_k = k0 + tl.arange(0, BM)
+        in_k = offs_k < k_hi
+        xm = tl.load(
+            x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & in_k[None, :], other=0.0
+        )
+        keep = (tl.abs(xm.to(tl.float32)) > thr) & mask_t[:, None] & in_k[None, :]
+        rows = tl.max(keep.to(tl.int32), axis=0) > 0
+        w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, rows)
+        xs = tl.where(keep, xm, 0.0)
+        if UPCAST_DOT:  # Triton's CPU interpreter multiplies the raw bits of bf16 operands
+            acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xs, w, acc, input_precision=PRECISION)
+    offs_y = offs_t[:, None] * stride_y + offs_n[None, :]
+    mask_y = mask_t[:, None] & mask_n[None, :]
+    offs_p = offs_t[:, None] * N + offs_n[None, :]
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -158,17 +187,27 @@ def _sparsify_segments_kernel(x_ptr, thr_ptr, out_ptr, numel, BLOCK: tl.constexp
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_workspaces: dict[torch.device, torch.Tensor] = {}
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per column tile, kept zero by the kernel itself (reset by the reducer).
-
-    Shared by every launch on the device: launches on one stream are ordered, which is how decode runs.
-    """
+    """Zeroed int32 counters, one per column tile, kept zero by the kernels themselves (reset by the reducer)."""
     cnt = _counters.get(device)
     if cnt is None:
         cnt = _counters[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
     return cnt
+
+
+def reserve_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """The always-zero fp32 workspace of the GEMV on `device`, grown to `numel`.
+
+    Call it with the widest layer's size before CUDA-graph capture (the plugin does, at load time), so that
+    no capture allocates it.
+    """
+    ws = _workspaces.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = _workspaces[device] = torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=device)
+    return ws
 
 
 def _pow2_divisor(n: int) -> int:
@@ -194,16 +233,8 @@ def launch(
     bn = min(config.bn, *(_pow2_divisor(e - s) for s, e in zip(starts, ends, strict=True)))
     if bn < 16 or len(ends) > MAX_SEGMENTS:
         for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
-            _launch_one(
-                x,
-                weight_t[:, s:e],
-                thresholds[i : i + 1],
-                [e - s],
-                None if bias is None else bias[s:e],
-                config,
-                config.bn,
-                y[:, s:e],
-            )
+            b = None if bias is None else bias[s:e]
+            _launch_one(x, weight_t[:, s:e], thresholds[i : i + 1], [e - s], b, config, config.bn, y[:, s:e])
         return y
     _launch_one(x, weight_t, thresholds, ends, bias, config, bn, y)
     return y
@@ -212,43 +243,30 @@ def launch(
 def _launch_one(x, w, thresholds, ends, bias, config: Config, bn: int, y) -> None:
     T, K = x.shape
     N = w.shape[1]
-    dot = config.dot or T > 1
-    bt = max(16, triton.next_power_of_2(T)) if dot else 1
-    bm = max(config.bm, 16) if dot else config.bm
+    inner = [*ends[:-1], N, N, N][:3]
+    n_tiles = triton.cdiv(N, bn)
+    cnt = _arrival_counters(x.device)
+    assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
+    if config.kind == "gemv" and T == 1:
+        ws = reserve_workspace(x.device, N)
+        _gemv_kernel[(n_tiles, triton.cdiv(K, config.bm))](
+            x, w, thresholds, y if bias is None else bias, y, ws, cnt, K, N, w.stride(0), *inner,
+            HAS_BIAS=bias is not None, BM=config.bm, BN=bn, num_warps=config.num_warps,
+        )  # fmt: skip
+        return
+    bt = max(16, triton.next_power_of_2(T))
+    bm = max(config.bm, 16)
     split_k = max(1, min(config.split_k, triton.cdiv(K, bm)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), bm) * bm
     split_k = triton.cdiv(K, k_per_split)
-    n_tiles = triton.cdiv(N, bn)
     part = y if split_k == 1 else torch.empty((split_k, T, N), dtype=torch.float32, device=x.device)
-    cnt = _arrival_counters(x.device)
-    assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
-    inner = [*ends[:-1], N, N, N][:3]
     _sparse_matmul_kernel[(n_tiles, split_k)](
-        x,
-        w,
-        thresholds,
-        y if bias is None else bias,
-        y,
-        part,
-        cnt,
-        T,
-        K,
-        N,
-        x.stride(0),
-        w.stride(0),
-        y.stride(0),
-        k_per_split,
-        *inner,
-        HAS_BIAS=bias is not None,
-        BT=bt,
-        BM=bm,
-        BN=bn,
-        SPLIT_K=split_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=x.device.type == "cpu",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+        x, w, thresholds, y if bias is None else bias, y, part, cnt, T, K, N,
+        x.stride(0), w.stride(0), y.stride(0), k_per_split, *inner,
+        HAS_BIAS=bias is not None, BT=bt, BM=bm, BN=bn, SPLIT_K=split_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST_DOT=x.device.type == "cpu",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def sparsify_segments(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,11 @@ def test_in_interpreter():
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CONFIGS = {  # FMA GEMV (one token only) and tensor-core kernel, without and with a K split: (bn, bm, split_k)
-    "fma": (32, 16, 1, False),
-    "fma-split": (32, 16, 3, False),
-    "dot": (32, 16, 1, True),
-    "dot-split": (32, 32, 2, True),
+CONFIGS = {  # the one-tile atomic GEMV (one token) and the tensor-core kernel, without and with a K split
+    "gemv": ("gemv", 32, 16, 1),
+    "gemv-wide": ("gemv", 64, 32, 1),
+    "dot": ("dot", 32, 16, 1),
+    "dot-split": ("dot", 32, 32, 2),
 }
 SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
 
@@ -61,8 +61,7 @@ def _rel_err(y, ref):
 def _launch(x, w, thresholds, ends, b, config):
     """The kernel into a NaN-poisoned output; config a name of CONFIGS or a Config."""
     if isinstance(config, str):
-        bn, bm, split_k, dot = CONFIGS[config]
-        config = ts.Config(bn, bm, split_k, dot=dot)
+        config = ts.Config(*CONFIGS[config])
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
     return ts.launch(x, w, thresholds, ends, b, config, out=out)
 
@@ -73,8 +72,8 @@ def _launch(x, w, thresholds, ends, b, config):
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8])
 def test_kernel_matches_reference(dtype, segments, config, tokens):
-    if config.startswith("fma") and tokens > 1:
-        pytest.skip("the FMA GEMV is for one token; launch() takes the tensor-core kernel for more")
+    if config.startswith("gemv") and tokens > 1:
+        pytest.skip("the GEMV is for one token; launch() takes the tensor-core kernel for more")
     ends = SEGMENTS[segments]
     x, w, thr, b = _problem(tokens, 80, ends, dtype, bias=segments != "one")
     y = _launch(x, w, thr, ends, b, config)
@@ -83,11 +82,11 @@ def test_kernel_matches_reference(dtype, segments, config, tokens):
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["fma-split", "dot-split"])
+@pytest.mark.parametrize("config", ["gemv", "dot-split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
     ends = SEGMENTS["qkv"]
-    tokens = 1 if config == "fma-split" else 3
+    tokens = 1 if config == "gemv" else 3
     x, w, _, b = _problem(tokens, 64, ends, dtype)
     y = _launch(x, w, torch.zeros(3), ends, b, config)
     assert _rel_err(y, x.float() @ w.float() + b.float()) < TOL[dtype]
@@ -96,6 +95,19 @@ def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
     y = _launch(x, w, torch.tensor([0.0, 1e9, 0.0]), ends, None, config)  # one segment all dropped
     assert torch.equal(y[:, 64:96], torch.zeros_like(y[:, 64:96]))
     assert _rel_err(y[:, :64], x.float() @ w[:, :64].float()) < TOL[dtype]
+
+
+@interpreted
+def test_launches_leave_workspace_and_counters_zero():
+    """The kernels' per-device state must be back to zero after every launch, or the next one is wrong."""
+    ends = SEGMENTS["qkv"]
+    for config, tokens in (("gemv", 1), ("dot-split", 3)):
+        for _ in range(3):  # fresh inputs each time: a stale partial sum would show
+            x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
+            y = _launch(x, w, thr, ends, b, config)
+            assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[torch.float32]
+            assert not ts.reserve_workspace(x.device, 1).any()
+            assert not ts._arrival_counters(x.device).any()
 
 
 @interpreted
@@ -144,7 +156,7 @@ def test_config_selection():
             config = configs.select(k, n, tokens, torch.bfloat16)
             if config is not None:
                 assert config.bn >= 16 and config.bm >= 8 and 1 <= config.split_k <= max(1, k // config.bm)
-                assert tokens == 1 or config.dot
+                assert tokens == 1 or config.kind == "dot"
     bf16, fp32 = (configs.select(576, 1536, 1, d) for d in (torch.bfloat16, torch.float32))
     if bf16 is not None:
         assert fp32.bn == max(16, bf16.bn // 2)
