@@ -180,7 +180,7 @@ def tune(cases: dict[str, Case], log) -> dict:
         for tokens in configs.TOKEN_BUCKETS:
 
             def stacked(x, w, t, c=case):  # the dense path of `sparse_linear`
-                return kernels._dense(x, w, c.ends, c.bias, ts.sparsify_segments(x, t).__getitem__)
+                return kernels._dense_segments(x, w, c.ends, c.bias, ts.sparsify_segments(x, t).__getitem__)
 
             dense_path = bench_us(case.calls(stacked, tokens, 0.5))
             results = []

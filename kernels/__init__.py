@@ -34,61 +34,85 @@ def has_triton_cuda() -> bool:
 def sparse_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
-    thresholds: torch.Tensor,
+    thresholds: torch.Tensor | None,
     segment_ends: Sequence[int],
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`y[:, seg_i] = bias[seg_i] + S_{t_i}(x) @ weight_t[:, seg_i]`, fp32 accumulation, in x's dtype.
 
-    x `[T, in]`; weight_t `[in, out]` contiguous, x's dtype; thresholds float32 `[n_seg]` on x's device;
+    x `[T, in]`; weight_t `[in, out]` contiguous, x's dtype; thresholds float32 `[n_seg]` on x's device, or
+    None when x is already thresholded (one threshold for the whole layer, applied by the caller where
+    torch.compile can fuse it into the op that produced x; then zero entries are the dropped ones);
     segment_ends cumulative output sizes (last == out); bias `[out]` or None. Same semantics as
     `sparse_linear_reference`; no host synchronisation on the CUDA path (CUDA-graph capturable).
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
+    presparsified = thresholds is None
+    if presparsified:
+        thresholds = _zero_thresholds(x.device, len(segment_ends))
+    one_input = presparsified or len(segment_ends) == 1
     if x.is_cuda and has_triton_cuda():
         from . import configs, triton_sparse
 
         config = configs.select(weight_t.shape[0], weight_t.shape[1], x.shape[0], x.dtype)
         if config is not None:
             return triton_sparse.launch(x, weight_t, thresholds, segment_ends, bias, config)
-        stacked = triton_sparse.sparsify_segments(x, thresholds)
-        return _dense(x, weight_t, segment_ends, bias, stacked.__getitem__)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= CPU_ROW_SKIP_MAX_TOKENS:
-        return _skip_rows(x, weight_t, thresholds, segment_ends, bias)
-    return _dense(x, weight_t, segment_ends, bias, lambda i: sparsify(x, thresholds[i]))
+        if presparsified:
+            return _matmul(x, weight_t, bias)
+        stacked = triton_sparse.sparsify_segments(x, thresholds)  # one pass over x for all segments
+        inputs: Callable[[int], torch.Tensor] = stacked.__getitem__
+    else:
+        inputs = (lambda _: x) if presparsified else (lambda i: sparsify(x, thresholds[i]))
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= CPU_ROW_SKIP_MAX_TOKENS:
+            return _skip_rows(x, weight_t, segment_ends, bias, inputs)
+    if one_input:
+        return _matmul(inputs(0), weight_t, bias)
+    return _dense_segments(x, weight_t, segment_ends, bias, inputs)
+
+
+_zeros: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _zero_thresholds(device: torch.device, n: int) -> torch.Tensor:
+    """Cached zero thresholds: made on the first call per device (a warm-up call, not a graph capture)."""
+    if (device, n) not in _zeros:
+        _zeros[device, n] = torch.zeros(n, dtype=torch.float32, device=device)
+    return _zeros[device, n]
 
 
 def _segments(segment_ends: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip([0, *segment_ends[:-1]], segment_ends, strict=True))
 
 
-def _dense(
+def _matmul(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One cuBLAS/oneDNN matmul on the `[in, out]` weight, the bias in its epilogue."""
+    return xs @ weight_t if bias is None else torch.addmm(bias.to(xs.dtype), xs, weight_t)
+
+
+def _dense_segments(
     x: torch.Tensor,
     weight_t: torch.Tensor,
     segment_ends: Sequence[int],
     bias: torch.Tensor | None,
-    sparse_input: Callable[[int], torch.Tensor],
+    inputs: Callable[[int], torch.Tensor],
 ) -> torch.Tensor:
-    """A (cuBLAS) matmul per segment on its thresholded input, written in place into the output columns."""
-    if len(segment_ends) == 1:
-        xs = sparse_input(0)
-        return xs @ weight_t if bias is None else torch.addmm(bias.to(x.dtype), xs, weight_t)
+    """A matmul per segment on its own thresholded input, written in place into the output columns."""
     y = x.new_empty((x.shape[0], weight_t.shape[1]))
     for i, (s, e) in enumerate(_segments(segment_ends)):
-        torch.mm(sparse_input(i), weight_t[:, s:e], out=y[:, s:e])
+        torch.mm(inputs(i), weight_t[:, s:e], out=y[:, s:e])
     return y if bias is None else y.add_(bias)
 
 
 def _skip_rows(
     x: torch.Tensor,
     weight_t: torch.Tensor,
-    thresholds: torch.Tensor,
     segment_ends: Sequence[int],
     bias: torch.Tensor | None,
+    sparse_input: Callable[[int], torch.Tensor],
 ) -> torch.Tensor:
     """CPU decode: per segment, a COO input times W^T reads only the rows of the surviving inputs."""
     y = x.new_empty((x.shape[0], weight_t.shape[1]))
     for i, (s, e) in enumerate(_segments(segment_ends)):
-        y[:, s:e] = torch.sparse.mm(sparsify(x, thresholds[i]).to_sparse(), weight_t[:, s:e])
+        y[:, s:e] = torch.sparse.mm(sparse_input(i).to_sparse(), weight_t[:, s:e])
     return y if bias is None else y.add_(bias)

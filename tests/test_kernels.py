@@ -176,3 +176,14 @@ def test_import_without_triton_or_cuda_init():
         "assert not torch.cuda.is_initialized()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_presparsified_input_matches_reference(dtype, tokens):
+    """thresholds=None: the caller thresholded x already (one threshold for every segment)."""
+    ends = SEGMENTS["qkv"]
+    x, w, thr, b = _problem(tokens, 96, ends, dtype)
+    t = thr[:1].expand(len(ends)).contiguous()
+    y = sparse_linear(sparsify(x, t[0]), w, None, ends, b)
+    assert _rel_err(y, sparse_linear_reference(x, w, t, ends, b)) < TOL[dtype]
