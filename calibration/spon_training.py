@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,10 @@ class TrainConfig:
     windows_per_step: int = 2
     bias_space: BiasSpace = "input"
     seed: int = 0
+    # bf16 autocast roughly halves step time on CPUs with AVX512-BF16 and on GPUs; vectors stay float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Cosine decay to a tenth of `lr`: large early steps, a settled finish.
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,8 @@ def train_spon(
     """Train SPON vectors on `windows` ([N, window] token ids); leaves them on `model`, unfused."""
     params = model.init_vectors(config.bias_space)
     optimizer = torch.optim.Adam(params, lr=config.lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.steps), eta_min=config.lr / 10)
+                 if config.schedule == "cosine" else None)
     generator = torch.Generator().manual_seed(config.seed)
     device = next(model.model.parameters()).device
     order = torch.randperm(len(windows), generator=generator)
@@ -58,10 +65,11 @@ def train_spon(
             order, cursor = torch.randperm(len(windows), generator=generator), 0
         batch = windows[order[cursor: cursor + config.windows_per_step]].to(device)
         cursor += config.windows_per_step
-        with torch.no_grad(), model.use("dense"):
-            teacher = model.logits(batch)
-        with model.use("spon"):
-            loss = kl_dense_to_sparse(teacher, model.logits(batch))
+        with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16"):
+            with torch.no_grad(), model.use("dense"):
+                teacher = model.logits(batch)
+            with model.use("spon"):
+                loss = kl_dense_to_sparse(teacher, model.logits(batch))
         if not math.isfinite(loss.item()):
             raise TrainingError(
                 f"SPON training loss became {loss.item()} at step {step}; lower --lr (now {config.lr}) "
@@ -70,6 +78,8 @@ def train_spon(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     log(f"SPON training: {config.steps} steps in {time.perf_counter() - start:.0f} s, "

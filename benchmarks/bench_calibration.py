@@ -1,0 +1,114 @@
+"""Accuracy benchmark: dense / TEAL / SPON perplexity of the example model across target sparsities.
+
+For each sparsity: calibrate on the shipped corpus (Sense and Sensibility) at default settings, then measure
+perplexity on held-out text: another novel (Persuasion) and, out of domain, Python's documentation. TEAL is
+measured with its own thresholds (fitted, like SPON's, to hit the target on calibration tokens), SPON with
+thresholds refitted after its biases, so both run at (nearly) the same achieved sparsity, which is reported.
+
+    .venv/bin/python benchmarks/bench_calibration.py --workdir artifacts/bench [--sparsities 0.25,0.4,0.5,0.6,0.7]
+Writes results.json, results.md and perplexity_vs_sparsity.png to the work directory.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_spon.calibration.checkpoint import load_checkpoint
+from vllm_spon.calibration.data import load_text, token_windows
+from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
+from vllm_spon.calibration.example_model import write_example_model
+from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
+from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.calibration.thresholds import fit_thresholds
+
+EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
+
+
+def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Tensor], stats: torch.Tensor) -> dict:
+    """Perplexities of dense, TEAL (own matched thresholds) and SPON (checkpoint) on every eval set."""
+    ckpt = load_checkpoint(checkpoint)
+    model, _ = load_hf_model(model_dir)
+    sparse = SparseModel(model, ckpt.config.projections)
+    target = dict.fromkeys(sparse.linears, ckpt.config.target_sparsity)
+    fit_thresholds(sparse, stats, target, stats="sequential")  # TEAL at its own matched sparsity
+    out: dict = {}
+    for name, w in windows.items():
+        out[name] = {"dense": perplexity(sparse, w, "dense"), "teal": perplexity(sparse, w, "teal"),
+                     "teal_sparsity": measure_sparsity(sparse, w, "teal")[0]}
+    sparse.apply_checkpoint(ckpt)
+    for name, w in windows.items():
+        r = out[name]
+        r["spon"] = perplexity(sparse, w, "spon")
+        r["spon_sparsity"] = measure_sparsity(sparse, w, "spon")[0]
+        r["recovered"] = (r["teal"] - r["spon"]) / (r["teal"] - r["dense"])
+    return out
+
+
+def plot(results: list[dict], output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(6 * len(EVAL_SETS), 4.5))
+    for ax, name in zip(axes, EVAL_SETS, strict=True):
+        xs = [r["sparsity"] for r in results]
+        ax.plot(xs, [r["eval"][name]["dense"] for r in results], "k--", label="dense")
+        ax.plot(xs, [r["eval"][name]["teal"] for r in results], "o-", label="TEAL")
+        ax.plot(xs, [r["eval"][name]["spon"] for r in results], "o-", label="SPON")
+        ax.set(yscale="log", xlabel="target sparsity", ylabel="perplexity", title=f"held-out: {name}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| target | eval text | dense | TEAL (sparsity) | SPON (sparsity) | gap recovered | calib. s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        for name, e in r["eval"].items():
+            lines.append(f"| {r['sparsity']:.2f} | {name} | {e['dense']:.2f} | {e['teal']:.2f} "
+                         f"({e['teal_sparsity']:.3f}) | {e['spon']:.2f} ({e['spon_sparsity']:.3f}) | "
+                         f"{e['recovered']:.0%} | {r['calibration_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench"))
+    parser.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7")
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--steps", type=int, help="override the default SPON step count")
+    ns = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ns.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = ns.workdir / "smollm2"
+    if not (model_dir / "config.json").is_file():
+        write_example_model(model_dir)
+    _, tokenizer = load_hf_model(model_dir)
+    windows = {name: token_windows(tokenizer, load_text(spec), 512, ns.eval_windows, source=spec)
+               for name, spec in EVAL_SETS.items()}
+    stats = token_windows(tokenizer, load_text("builtin:sense-and-sensibility"), 256, 64)
+    results = []
+    for s in [float(x) for x in ns.sparsities.split(",")]:
+        checkpoint = ns.workdir / f"spon{round(s * 100)}"
+        t0 = time.perf_counter()
+        extra = {"steps": ns.steps} if ns.steps is not None else {}
+        calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
+                                  eval_data=None, overwrite=True, **extra))
+        seconds = time.perf_counter() - t0
+        results.append({"sparsity": s, "calibration_s": seconds,
+                        "eval": evaluate_pair(model_dir, checkpoint, windows, stats)})
+        print(markdown(results[-1:]), flush=True)
+    (ns.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    (ns.workdir / "results.md").write_text(markdown(results) + "\n")
+    plot(results, ns.workdir / "perplexity_vs_sparsity.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""End-to-end decode benchmark on a GPU: dense vLLM against `--load-format spon`, same engine settings.
+
+The model has Llama-3-8B's shapes and random weights (seeded); its thresholds are fitted by the calibration
+module on the activations those weights produce, so each checkpoint runs at its target sparsity. Every
+engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its own process.
+
+    python benchmarks/bench_gpu_e2e.py make --out /tmp/e2e [--sparsities 0.4,0.5,0.6]
+    python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --load-format auto --json /tmp/e2e/dense.json
+    python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/spon50 --load-format spon --json /tmp/e2e/spon50.json
+    python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
+    python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small   # greedy tokens vs the reference
+
+Decode tokens/s at batch B: B requests of 32 prompt tokens, timed once with 1 and once with 1 + N new
+tokens (ignore_eos); decode rate = B * N / (difference). Time to first token: 2048-token prompts, one at a
+time, max_tokens=1. Medians of repeats. Ratios are SPON over dense, measured in the same run.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+BATCHES = (1, 2, 4, 8, 64)
+DECODE_TOKENS = 128
+PREFILL_TOKENS = 2048
+
+
+def write_tokenizer(out: Path) -> None:
+    """A small byte-level BPE tokenizer (vLLM needs one; its vocabulary fits inside the model's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 100, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
+
+
+def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dtype, seed: int,
+                with_biases: bool = True) -> None:
+    """A random-weight Llama at `out/base` and overlay SPON checkpoints `out/spon{NN}` fitted to it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import make_checkpoint
+    from vllm_spon.calibration.sparse_model import SparseModel
+    from vllm_spon.calibration.thresholds import fit_thresholds
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(dtype)
+    base = out / "base"
+    t0 = time.time()
+    model.save_pretrained(base)
+    write_tokenizer(base)
+    print(f"wrote {base} in {time.time() - t0:.0f} s", flush=True)
+    sparse = SparseModel(model)
+    windows = torch.randint(2, 512, (16, 256), generator=torch.Generator().manual_seed(seed))
+    for s in sparsities:
+        thresholds = fit_thresholds(sparse, windows, dict.fromkeys(sparse.linears, s), refine_passes=1,
+                                    batch_size=4)
+        biases = ({m: torch.randn(lin.out_features) * 1e-3 for m, lin in sparse.linears.items()}
+                  if with_biases else None)
+        make_checkpoint(base, out / f"spon{round(s * 100)}", thresholds, biases, layout="overlay",
+                        target_sparsity=s)
+        print(f"checkpoint spon{round(s * 100)}: fitted to {s:.2f}", flush=True)
+
+
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def run_engine(model: str, load_format: str, repeats: int = 3) -> dict:
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model, load_format=load_format, dtype="bfloat16", max_model_len=4096, max_num_seqs=64,
+              gpu_memory_utilization=0.85, seed=0)
+    result: dict = {"model": model, "load_format": load_format, "startup_s": time.perf_counter() - t0,
+                    "decode_tok_s": {}, "ttft_ms": None}
+    gen = torch.Generator().manual_seed(0)
+    for batch in BATCHES:
+        prompts = [torch.randint(2, 512, (32,), generator=gen).tolist() for _ in range(batch)]
+        timed_generate(llm, prompts, 8)  # warm-up at this batch size
+        rates = []
+        for _ in range(repeats):
+            prefill = timed_generate(llm, prompts, 1)
+            full = timed_generate(llm, prompts, 1 + DECODE_TOKENS)
+            rates.append(batch * DECODE_TOKENS / (full - prefill))
+        result["decode_tok_s"][batch] = statistics.median(rates)
+        print(f"{load_format} batch {batch}: {result['decode_tok_s'][batch]:.1f} tok/s", flush=True)
+    long_prompt = [torch.randint(2, 512, (PREFILL_TOKENS,), generator=gen).tolist()]
+    timed_generate(llm, long_prompt, 1)
+    result["ttft_ms"] = statistics.median(timed_generate(llm, long_prompt, 1) * 1e3 for _ in range(5))
+    print(f"{load_format} TTFT ({PREFILL_TOKENS} tokens): {result['ttft_ms']:.1f} ms", flush=True)
+    return result
+
+
+def table(paths: list[Path]) -> str:
+    runs = [json.loads(p.read_text()) for p in paths]
+    dense = next(r for r in runs if r["load_format"] != "spon")
+    lines = ["| engine | " + " | ".join(f"batch {b} tok/s (ratio)" for b in BATCHES) + " | TTFT 2k ms (ratio) |",
+             "| --- |" + " --- |" * (len(BATCHES) + 1)]
+    for r in runs:
+        cells = [f"{r['decode_tok_s'][str(b)]:.0f} ({r['decode_tok_s'][str(b)] / dense['decode_tok_s'][str(b)]:.2f}x)"
+                 for b in BATCHES]
+        ttft = f"{r['ttft_ms']:.1f} ({dense['ttft_ms'] / r['ttft_ms']:.2f}x)"
+        lines.append(f"| {Path(r['model']).name} ({r['load_format']}) | " + " | ".join(cells) + f" | {ttft} |")
+    return "\n".join(lines)
+
+
+def check_tokens(out: Path, tensor_parallel_size: int = 1) -> None:
+    """Greedy tokens of vLLM (compile + CUDA graphs, fp32) == the reference sparse model's, small random Llama."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_spon.calibration.checkpoint import load_checkpoint
+    from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    if not (out / "spon50").exists():
+        make_models(out, shape, [0.5], torch.float32, seed=1)
+    prompts = [torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+    llm = LLM(str(out / "spon50"), load_format="spon", dtype="float32", max_model_len=512,
+              gpu_memory_utilization=0.3, tensor_parallel_size=tensor_parallel_size)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    del llm
+    model, _ = load_hf_model(out / "spon50", device="cuda")
+    sparse = SparseModel(model)
+    sparse.apply_checkpoint(load_checkpoint(out / "spon50"))
+    with sparse.use("spon"), torch.no_grad():
+        want = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False,
+                               min_new_tokens=24)[0, len(p):].tolist() for p in prompts]
+    for g, w in zip(got, want, strict=True):
+        print("vllm     ", g, "\nreference", w, flush=True)
+    assert got == want, "vLLM's greedy tokens differ from the reference sparse model's"
+    print(f"check-tokens: {len(prompts)} prompts x 24 tokens identical (tp={tensor_parallel_size})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("make")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sparsities", default="0.4,0.5,0.6")
+    p.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"])
+    p = sub.add_parser("engine")
+    p.add_argument("model")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--json", type=Path, required=True)
+    p = sub.add_parser("table")
+    p.add_argument("json", type=Path, nargs="+")
+    p = sub.add_parser("check-tokens")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    ns = parser.parse_args()
+    if ns.cmd == "make":
+        shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
+        make_models(ns.out, shape, [float(s) for s in ns.sparsities.split(",")], torch.bfloat16, seed=0)
+    elif ns.cmd == "engine":
+        ns.json.write_text(json.dumps(run_engine(ns.model, ns.load_format), indent=1))
+    elif ns.cmd == "table":
+        print(table(ns.json))
+    else:
+        check_tokens(ns.out, ns.tp)
+
+
+if __name__ == "__main__":
+    main()
