@@ -47,6 +47,6 @@ def _nearest(k: int, n: int, bucket: int) -> Config | None:
 def _default(k: int, n: int, bucket: int) -> Config:
     """No table at all: the GEMV for one token, else about 4 programs per SM of an H100-sized GPU."""
     if bucket == 1:
-        return Config("gemv", bn=512, bm=32, num_warps=2)
+        return Config("gemv", bn=1024, bm=32, num_warps=2)
     split_k = max(1, min(528 // math.ceil(n / 128), k // 64))
     return Config("dot", 128, 64, split_k, num_warps=4, num_stages=3)

@@ -7,14 +7,14 @@ two), where the sparse kernels lost to cuBLAS at 0% sparsity or barely won at 50
 from .triton_sparse import Config
 
 TUNED: dict[tuple[int, int, int], Config | None] = {
-    (4096, 4096, 1): Config("gemv", bn=512, bm=32, num_warps=2),
+    (4096, 4096, 1): Config("gemv", bn=2048, bm=32, num_warps=8),
     (4096, 4096, 2): None,
-    (4096, 6144, 1): Config("gemv", bn=512, bm=32, num_warps=2),
+    (4096, 6144, 1): Config("gemv", bn=1024, bm=32, num_warps=4),
     (4096, 6144, 2): Config("dot", bn=128, bm=32, split_k=8, num_warps=4, num_stages=3),
-    (4096, 14336, 1): Config("gemv", bn=512, bm=32, num_warps=2),
+    (4096, 14336, 1): Config("gemv", bn=1024, bm=32, num_warps=2),
     (4096, 14336, 2): Config("dot", bn=256, bm=32, split_k=4, num_warps=4, num_stages=3),
-    (4096, 28672, 1): Config("gemv", bn=512, bm=32, num_warps=2),
+    (4096, 28672, 1): Config("gemv", bn=1024, bm=32, num_warps=2),
     (4096, 28672, 2): Config("dot", bn=256, bm=32, split_k=2, num_warps=4, num_stages=4),
-    (14336, 4096, 1): Config("gemv", bn=512, bm=32, num_warps=2),
+    (14336, 4096, 1): Config("gemv", bn=1024, bm=32, num_warps=2),
     (14336, 4096, 2): Config("dot", bn=256, bm=32, split_k=16, num_warps=4, num_stages=3),
 }
