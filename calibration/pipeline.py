@@ -55,7 +55,9 @@ class CalibrationArgs(BaseModel):
     steps: int = Field(default=100, ge=0)
     lr: float = Field(default=1e-3, gt=0)
     windows_per_step: int = Field(default=2, gt=0)
-    bias_space: Literal["input", "output"] = "input"
+    # Output space measured better on the example model (54% vs 44% of the gap at 50%, README).
+    bias_space: Literal["input", "output"] = "output"
+    train_precision: Literal["auto", "fp32", "bf16"] = "auto"
     layout: Literal["full", "overlay"] = "full"
     eval_data: str | None = DEFAULT_EVAL_DATA
     eval_windows: int = Field(default=8, ge=1)
@@ -83,6 +85,20 @@ class CalibrationArgs(BaseModel):
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_precision(self) -> Literal["fp32", "bf16"]:
+        """bf16 autocast where the hardware has fast bf16 (GPUs, CPUs with AVX512-BF16 or AMX)."""
+        if self.train_precision != "auto":
+            return self.train_precision
+        return "bf16" if self.resolved_device() != "cpu" or cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def calibrate(args: CalibrationArgs) -> Path:
@@ -117,7 +133,8 @@ def calibrate(args: CalibrationArgs) -> Path:
 
     if args.method == "spon":
         train_spon(sparse, train_windows,
-                   TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed),
+                   TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed,
+                               precision=args.resolved_precision()),
                    log=logger.info)
         sparse.fuse_vectors()
         if args.threshold_stats == "sequential":

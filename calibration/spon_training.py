@@ -28,7 +28,7 @@ class TrainConfig:
     steps: int = 100
     lr: float = 1e-3
     windows_per_step: int = 2
-    bias_space: BiasSpace = "input"
+    bias_space: BiasSpace = "output"
     seed: int = 0
     # bf16 autocast roughly halves step time on CPUs with AVX512-BF16 and on GPUs; vectors stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"
