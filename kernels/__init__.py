@@ -16,7 +16,7 @@ import torch
 
 from .reference import sparse_linear_reference, sparsify
 
-__all__ = ["HAS_TRITON", "has_triton_cuda", "sparse_linear", "sparse_linear_reference", "sparsify"]
+__all__ = ["HAS_TRITON", "has_triton_cuda", "prepare", "sparse_linear", "sparse_linear_reference", "sparsify"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -29,6 +29,19 @@ CPU_ROW_SKIP_MAX_TOKENS = 1
 def has_triton_cuda() -> bool:
     """Whether CUDA tensors take the Triton kernels (Triton importable, CUDA build of torch, a GPU present)."""
     return HAS_TRITON and torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def prepare(device: torch.device, max_out_features: int) -> None:
+    """Allocate the kernels' per-device state (zeroed workspace, arrival counters) ahead of time.
+
+    Call once the widest layer is known and before any CUDA-graph capture: a zero-fill recorded inside a
+    capture does not run until that graph replays.
+    """
+    if device.type == "cuda" and has_triton_cuda():
+        from . import triton_sparse
+
+        triton_sparse.reserve_workspace(device, max_out_features)
+        triton_sparse._arrival_counters(device)
 
 
 def sparse_linear(
