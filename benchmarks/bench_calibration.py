@@ -22,7 +22,7 @@ from vllm_spon.calibration.data import load_text, token_windows
 from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
 from vllm_spon.calibration.example_model import write_example_model
 from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
-from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.calibration.thresholds import fit_thresholds
 
 EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
@@ -31,8 +31,7 @@ EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
 def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Tensor], stats: torch.Tensor) -> dict:
     """Perplexities of dense, TEAL (own matched thresholds) and SPON (checkpoint) on every eval set."""
     ckpt = load_checkpoint(checkpoint)
-    model, _ = load_hf_model(model_dir)
-    sparse = SparseModel(model, ckpt.config.projections)
+    sparse = SparseModel(load_hf_model(model_dir), ckpt.config.projections)
     target = dict.fromkeys(sparse.linears, ckpt.config.target_sparsity)
     fit_thresholds(sparse, stats, target, stats="sequential")  # TEAL at its own matched sparsity
     out: dict = {}
@@ -89,7 +88,7 @@ def main() -> None:
     model_dir = ns.workdir / "smollm2"
     if not (model_dir / "config.json").is_file():
         write_example_model(model_dir)
-    _, tokenizer = load_hf_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     windows = {name: token_windows(tokenizer, load_text(spec), 512, ns.eval_windows, source=spec)
                for name, spec in EVAL_SETS.items()}
     stats = token_windows(tokenizer, load_text("builtin:sense-and-sensibility"), 256, 64)

@@ -155,7 +155,7 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
                         SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
     got = [list(o.outputs[0].token_ids) for o in outs]
     del llm
-    model, _ = load_hf_model(out / "spon50", device="cuda")
+    model = load_hf_model(out / "spon50", device="cuda")
     sparse = SparseModel(model)
     sparse.apply_checkpoint(load_checkpoint(out / "spon50"))
     equal = differs_from_dense = 0

@@ -83,15 +83,18 @@ def _read_hf_dataset(spec: str) -> str:
     return "\n".join(str(t) for t in ds[column])
 
 
-def token_windows(tokenizer, text: str, window: int, num_windows: int, source: str = "DATA",
+def token_windows(tokenizer, text: str, window: int, num_windows: int | None, source: str = "DATA",
                   offset_windows: int = 0) -> torch.Tensor:
-    """`num_windows` consecutive, non-overlapping windows of `window` tokens, as a [num_windows, window] tensor.
+    """`num_windows` consecutive, non-overlapping windows of `window` tokens, as a [num_windows, window] tensor
+    (None: as many as the text holds, at least one).
 
     `offset_windows` skips that many windows first, so two callers can take disjoint slices of one text.
     """
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if num_windows is None:
+        num_windows = max(1, len(ids) // window - offset_windows)
     if window < 2 or num_windows < 1:
         raise DataError(f"need window >= 2 and at least one window, got window={window}, windows={num_windows}")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     need = (offset_windows + num_windows) * window
     if len(ids) < need:
         raise DataError(

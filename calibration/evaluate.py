@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from vllm_spon.calibration.checkpoint import load_checkpoint, read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
-from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model
+from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
 
 
 @torch.no_grad()
@@ -54,10 +54,10 @@ def evaluate(args: EvalArgs) -> dict:
     """Dense, TEAL and SPON perplexity of a checkpoint on the same windows, plus achieved sparsity."""
     checkpoint = load_checkpoint(args.checkpoint)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_hf_model(args.checkpoint, device=device)
-    sparse = SparseModel(model, checkpoint.config.projections)
+    windows = token_windows(load_tokenizer(args.checkpoint), load_text(args.data), args.window, args.windows,
+                            source=f"--data {args.data}")
+    sparse = SparseModel(load_hf_model(args.checkpoint, device=device), checkpoint.config.projections)
     sparse.apply_checkpoint(checkpoint)
-    windows = token_windows(tokenizer, load_text(args.data), args.window, args.windows, source=f"--data {args.data}")
     dense = perplexity(sparse, windows, "dense")
     teal = perplexity(sparse, windows, "teal")
     teal_sparsity, _ = measure_sparsity(sparse, windows, "teal")

@@ -28,9 +28,15 @@ from vllm_spon.calibration.checkpoint import (
     now_iso,
     write_checkpoint,
 )
-from vllm_spon.calibration.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, load_text, token_windows
+from vllm_spon.calibration.data import (
+    DEFAULT_CALIBRATION_DATA,
+    DEFAULT_EVAL_DATA,
+    DataError,
+    load_text,
+    token_windows,
+)
 from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
-from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.calibration.spon_training import TrainConfig, train_spon
 from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
 
@@ -108,16 +114,20 @@ def calibrate(args: CalibrationArgs) -> Path:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; choose another --output or pass --overwrite")
     base = base_model_ref(args.model)  # also checks the model directory before any heavy work
-    model, tokenizer = load_hf_model(args.model, device=args.resolved_device())
-    sparse = SparseModel(model, args.projections)
-    text = load_text(args.data)
+    tokenizer = load_tokenizer(args.model)
+    # Training samples windows from the whole text; statistics use the first `num_tokens` of it.
+    train_windows = token_windows(tokenizer, load_text(args.data), args.window, None, source=f"--data {args.data}")
     num_windows = max(1, args.num_tokens // args.window)
-    stats_windows = token_windows(tokenizer, text, args.window, num_windows, source=f"--data {args.data}")
-    # Training samples windows from the whole text, not only the statistics subset.
-    train_windows = token_windows(tokenizer, text, args.window, len(tokenizer(text)["input_ids"]) // args.window,
-                                  source=f"--data {args.data}")
+    if len(train_windows) < num_windows:
+        raise DataError(
+            f"--data {args.data} has {train_windows.numel()} tokens, too short for {num_windows} windows of "
+            f"{args.window} tokens ({num_windows * args.window} needed for --num-tokens {args.num_tokens}); "
+            "give more text or lower --num-tokens"
+        )
+    stats_windows = train_windows[:num_windows]
     eval_windows = (token_windows(tokenizer, load_text(args.eval_data), args.eval_window, args.eval_windows,
                                   source=f"--eval-data {args.eval_data}") if args.eval_data else None)
+    sparse = SparseModel(load_hf_model(args.model, device=args.resolved_device()), args.projections)
 
     if args.allocation == "greedy":
         module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, log=logger.info)

@@ -27,19 +27,28 @@ Mode = Literal["dense", "teal", "spon"]
 BiasSpace = Literal["input", "output"]
 
 
-def load_hf_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, with errors that say what is wrong."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory (no config.json); make the example model with "
             "`vllm-spon example-model DIR`"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return path
+
+
+def load_hf_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM from a Hugging Face directory (safetensors only: nothing is unpickled)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(_model_dir(path), dtype=dtype, use_safetensors=True).to(device)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a Hugging Face model directory (cheap: check data with it before loading the model)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_dir(path))
 
 
 def sparsifiable_linears(model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS) -> dict[str, nn.Linear]:
