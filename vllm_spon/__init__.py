@@ -2,6 +2,23 @@
 
 __version__ = "0.1.0"
 
+_registered = False
+
 
 def register() -> None:
-    """vLLM general-plugin entry point (placeholder until the loader lands)."""
+    """vLLM general-plugin entry point: `--load-format spon` and `torch.ops.spon.sparse_linear`.
+
+    vLLM calls this in every process it starts (API server, engine core, each worker), possibly more than
+    once: it registers once per process, imports vLLM's loader machinery only when called (not when
+    `vllm_spon` is imported, so the calibration module works without vLLM), and touches no GPU.
+    """
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from vllm_spon import ops  # noqa: F401  (registers the custom op)
+    from vllm_spon.loader import LOAD_FORMAT, SponModelLoader
+
+    register_model_loader(LOAD_FORMAT)(SponModelLoader)
+    _registered = True

@@ -1,0 +1,123 @@
+"""Which vLLM linear layers a SPON checkpoint sparsifies, and whether its tensors fit them.
+
+A checkpoint names Hugging Face modules (`model.layers.0.self_attn.k_proj`); vLLM fuses some of them into
+one layer (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), as the model class's `packed_modules_mapping`
+says. A *site* is one vLLM layer with the Hugging Face modules it holds, in output order.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+
+from vllm_spon.calibration.checkpoint import (
+    BIAS_SUFFIX,
+    THRESHOLD_SUFFIX,
+    CheckpointError,
+    SponCheckpoint,
+)
+from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM
+
+
+@dataclass(frozen=True)
+class SponSite:
+    """A vLLM linear layer and the Hugging Face modules it fuses, with their full output sizes."""
+
+    name: str
+    layer: LinearBase
+    members: tuple[str, ...]
+    out_features: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def _member_out_features(layer: LinearBase, count: int) -> tuple[int, ...]:
+    """The unsharded output size of each fused module (what the checkpoint's bias vectors hold)."""
+    if isinstance(layer, QKVParallelLinear):
+        return (
+            layer.total_num_heads * layer.head_size,
+            layer.total_num_kv_heads * layer.head_size,
+            layer.total_num_kv_heads * layer.v_head_size,
+        )
+    if isinstance(layer, MergedColumnParallelLinear):
+        return tuple(layer.output_sizes)
+    return (layer.output_size,) * count
+
+
+def find_sites(model: nn.Module, projections: tuple[str, ...]) -> list[SponSite]:
+    """The decoder-block linears of `model` that hold at least one of the sparsified projections."""
+    packed: dict[str, list[str]] = getattr(model, "packed_modules_mapping", {})
+    sites = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or ".layers." not in name:
+            continue
+        parent, leaf = name.rsplit(".", 1)
+        parts = packed.get(leaf, [leaf])
+        if not set(parts) & set(projections):
+            continue
+        members = tuple(f"{parent}.{p}" for p in parts)
+        sites.append(SponSite(name, module, members, _member_out_features(module, len(members))))
+    return sites
+
+
+def check_fits(checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: Path) -> None:
+    """Every sparsified module of the model has its tensors, of the right shapes, and none is left over."""
+    if not sites:
+        raise CheckpointError(
+            f"{tensors_file}: this model has no linear layers named {checkpoint.config.projections}; "
+            "vllm-spon supports Llama-style decoders (q/k/v/o_proj, gate/up/down_proj)"
+        )
+    projections = set(checkpoint.config.projections)
+    members = {m: (site, i) for site in sites for i, m in enumerate(site.members)}
+    for module, (site, _) in members.items():
+        if module.rsplit(".", 1)[-1] in projections and module not in checkpoint.thresholds:
+            raise CheckpointError(
+                f"{tensors_file}: tensor {module}{THRESHOLD_SUFFIX} is missing (config.json sparsifies "
+                f"{sorted(projections)}, vLLM layer {site.name}); the checkpoint is incomplete, "
+                "re-run calibration"
+            )
+        if (
+            checkpoint.config.method == "spon"
+            and module in checkpoint.thresholds
+            and module not in checkpoint.biases
+        ):
+            raise CheckpointError(
+                f"{tensors_file}: tensor {module}{BIAS_SUFFIX} is missing (method 'spon' has a fused bias "
+                "for every sparsified module); the checkpoint is incomplete, re-run calibration"
+            )
+    unused = sorted(set(checkpoint.thresholds) - set(members))
+    if unused:
+        raise CheckpointError(
+            f"{tensors_file}: tensor {unused[0]}{THRESHOLD_SUFFIX} ({len(unused)} in all) belongs to no "
+            "linear layer of this model; the checkpoint was made for another model"
+        )
+    for module, bias in checkpoint.biases.items():
+        site, i = members[module]
+        if tuple(bias.shape) != (site.out_features[i],):
+            raise CheckpointError(
+                f"{tensors_file}: tensor {module}{BIAS_SUFFIX} has shape {list(bias.shape)}, but the model's "
+                f"{module} has {site.out_features[i]} outputs; the checkpoint was made for another model"
+            )
+
+
+def site_has_bias(site: SponSite, checkpoint: SponCheckpoint) -> bool:
+    return any(m in checkpoint.biases for m in site.members)
+
+
+def spon_tensors(sites: list[SponSite], checkpoint: SponCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """The SPON tensors under the names vLLM's weight loading maps onto the layers' SPON parameters.
+
+    A fused module that is not sparsified gets threshold 0 (keeps every non-zero input) and, if its
+    siblings have a fused bias, a zero bias.
+    """
+    for site in sites:
+        has_bias = site_has_bias(site, checkpoint)
+        for module, out_features in zip(site.members, site.out_features, strict=True):
+            yield f"{module}.{THRESHOLD_PARAM}", checkpoint.thresholds.get(module, torch.zeros(()))
+            if has_bias:
+                yield f"{module}.{BIAS_PARAM}", checkpoint.biases.get(module, torch.zeros(out_features))
