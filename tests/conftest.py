@@ -51,3 +51,27 @@ def spon_checkpoint_dir(example_model_dir) -> Path:
             steps=30, lr=2e-3, eval_windows=2, overwrite=True,
         ))
     return path
+
+
+@pytest.fixture(scope="session")
+def spon_reference_case(example_model_dir):
+    """A SPON checkpoint of the example model whose greedy tokens are well defined (plugin_helpers says why),
+    with the reference sparse model's tokens and log-probabilities on three prompts (~1-2 min on 2 cores)."""
+    from tests.plugin_helpers import DENSE_PROMPTS, reference_case
+
+    return reference_case(example_model_dir, CACHE / "plugin", DENSE_PROMPTS[:3], sparse_layers=(0, 15, 29))
+
+
+@pytest.fixture(scope="session")
+def zero_spon_overlay(example_model_dir) -> Path:
+    """An overlay checkpoint of the example model with every threshold 0 and no biases: the dense model."""
+    from tests.helpers import make_checkpoint
+    from tests.plugin_helpers import load_hf
+    from vllm_spon.calibration.checkpoint import is_spon_checkpoint
+    from vllm_spon.calibration.sparse_model import sparsifiable_linears
+
+    path = CACHE / "plugin" / "zero-overlay"
+    if not is_spon_checkpoint(path):
+        modules = sparsifiable_linears(load_hf(example_model_dir))
+        make_checkpoint(example_model_dir, path, dict.fromkeys(modules, 0.0), layout="overlay")
+    return path

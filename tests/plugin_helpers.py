@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from helpers import make_checkpoint
 
+from tests.helpers import make_checkpoint
 from vllm_spon.calibration.checkpoint import load_checkpoint
 from vllm_spon.calibration.sparse_model import SparseModel, sparsifiable_linears
 
@@ -358,3 +358,56 @@ def prompt_logprobs(llm, sequences: list[list[int]]) -> list[list[float]]:
     return [
         [o.prompt_logprobs[j][s[j]].logprob for j in range(1, len(s))] for s, o in zip(sequences, outputs, strict=True)
     ]
+
+
+def spon_state(model) -> dict[str, dict]:
+    """In a worker (`LLM.apply_model`): each SPON layer's method, thresholds and fused bias on this rank."""
+    from vllm_spon.linear_method import SponLinearMethod
+
+    state = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, SponLinearMethod):
+            bias = getattr(module, "spon_bias", None)
+            state[name] = {
+                "method": f"{type(method).__name__}({type(method.inner).__name__})",
+                "thresholds": module.spon_threshold.tolist(),
+                "bias": None if bias is None else bias.float().tolist(),
+                "adds_bias": method.adds_bias,
+            }
+    return state
+
+
+def worker_additional_config(worker) -> dict:
+    """In a worker (`LLM.collective_rpc`): the config that vLLM's compile-cache key hashes."""
+    return dict(worker.vllm_config.additional_config)
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def _vllm_layer(module: str) -> str:
+    """`...self_attn.k_proj` -> `...self_attn.qkv_proj`: the vLLM layer holding a Hugging Face module."""
+    parent, projection = module.rsplit(".", 1)
+    return parent + "." + next((f for f, parts in FUSED.items() if projection in parts), projection)
+
+
+def expected_state(checkpoint_dir: str, tp_rank: int, tp_size: int) -> dict[str, dict]:
+    """What each vLLM layer of rank `tp_rank` should hold, computed from the checkpoint by hand: per
+    segment the module's threshold; the bias rows of this rank (column parallel: its slice of each fused
+    module, row parallel: all of it, added on rank 0 only)."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    state = {}
+    for name in sorted({_vllm_layer(m) for m in checkpoint.thresholds}):
+        parent, kind = name.rsplit(".", 1)
+        members = [f"{parent}.{p}" for p in FUSED.get(kind, (kind,))]
+        biases = [checkpoint.biases[m] for m in members]
+        if kind not in ROW_PARALLEL:
+            biases = [b.chunk(tp_size)[tp_rank] for b in biases]
+        state[name] = {
+            "thresholds": [checkpoint.config.thresholds[m] for m in members],
+            "bias": torch.cat(biases).tolist(),
+            "adds_bias": kind not in ROW_PARALLEL or tp_rank == 0,
+        }
+    return state

@@ -1,0 +1,118 @@
+"""The plugin's parts without an engine: registration, the custom op, the quantized-weights method's
+segment stitching, the compile-cache key."""
+
+import importlib.metadata
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_spon.kernels.reference import sparse_linear_reference
+
+
+def test_entry_point_names_register():
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert [p.value for p in plugins if p.name == "spon"] == ["vllm_spon:register"]
+
+
+def test_register_is_idempotent_and_registers_loader_and_op():
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import vllm_spon
+    from vllm_spon.loader import SponModelLoader
+
+    vllm_spon.register()
+    vllm_spon.register()
+    loader = get_model_loader(LoadConfig(load_format="spon"))
+    assert isinstance(loader, SponModelLoader)
+    assert type(loader.base_loader).__name__ == "DefaultModelLoader"
+    assert hasattr(torch.ops.spon, "sparse_linear")
+
+
+def test_loader_hands_base_load_format_to_vllm():
+    from vllm.config.load import LoadConfig
+
+    from vllm_spon.loader import SponModelLoader
+
+    loader = SponModelLoader(LoadConfig(load_format="spon", model_loader_extra_config={"base_load_format": "dummy"}))
+    assert loader.base_weights_are_dummy
+    with pytest.raises(ValueError, match="cannot be 'spon'"):
+        SponModelLoader(LoadConfig(load_format="spon", model_loader_extra_config={"base_load_format": "spon"}))
+    with pytest.raises(ValueError, match="Unexpected extra config keys"):
+        SponModelLoader(LoadConfig(load_format="spon", model_loader_extra_config={"typo": 1}))
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_linear_op_matches_reference(tokens, bias):
+    import vllm_spon.ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 64, generator=gen)
+    weight_t = torch.randn(64, 48, generator=gen)
+    thresholds = torch.tensor([0.3, 0.8, 0.0])
+    ends = [16, 40, 48]
+    b = torch.randn(48, generator=gen) if bias else None
+    expected = sparse_linear_reference(x, weight_t, thresholds, ends, b)
+    torch.testing.assert_close(torch.ops.spon.sparse_linear(x, weight_t, thresholds, ends, b), expected)
+    torch.library.opcheck(torch.ops.spon.sparse_linear.default, (x, weight_t, thresholds, ends, b))
+
+
+class _DenseInner:
+    """Stands in for a quantized method: `x @ W^T + b` on the layer's weight."""
+
+    def apply(self, layer, x, bias=None):
+        y = x @ layer.weight.t()
+        return y if bias is None else y + bias
+
+
+class _Layer(nn.Module):
+    def __init__(self, sizes: list[int], thresholds: list[float]):
+        super().__init__()
+        self.output_partition_sizes = sizes
+        self.tp_rank = 0
+        gen = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(sum(sizes), 32, generator=gen), requires_grad=False)
+        self.spon_threshold = nn.Parameter(torch.tensor(thresholds), requires_grad=False)
+        self.spon_bias = nn.Parameter(torch.randn(sum(sizes), generator=gen), requires_grad=False)
+
+
+@pytest.mark.parametrize("thresholds", [[0.5, 0.5, 0.5], [0.5, 0.2, 0.5], [0.1, 0.2, 0.3]])
+def test_quantized_method_stitches_segments_by_threshold(thresholds):
+    """Quantized weights: one inner matmul per distinct threshold, columns taken per segment."""
+    from vllm_spon.linear_method import SponQuantizedLinearMethod
+
+    layer = _Layer([24, 8, 8], thresholds)
+    method = SponQuantizedLinearMethod(_DenseInner(), layer, has_bias=True)
+    method.finalize(layer)
+    assert len(method.threshold_rows) == len(set(thresholds))
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    layer_bias = torch.randn(40)
+    expected = sparse_linear_reference(x, layer.weight.t(), layer.spon_threshold, [24, 32, 40],
+                                       layer.spon_bias + layer_bias)
+    torch.testing.assert_close(method.apply(layer, x, layer_bias), expected)
+
+
+@pytest.mark.slow
+def test_compile_cache_key_differs_between_dense_and_spon(zero_spon_overlay, spon_reference_case):
+    """vLLM hashes no load format: the loader's identity record is what separates dense and SPON graphs."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_spon.loader import COMPILE_KEY, record_compile_identity
+
+    def config(model: str, load_format: str):
+        return EngineArgs(model=model, load_format=load_format, dtype="float32").create_engine_config()
+
+    dense = config(str(zero_spon_overlay), "auto")
+    spon = config(str(zero_spon_overlay), "spon")
+    assert dense.compute_hash() == spon.compute_hash()  # the problem
+    record_compile_identity(spon, zero_spon_overlay)
+    assert spon.additional_config[COMPILE_KEY]
+    assert spon.compute_hash() != dense.compute_hash()
+    other = config(str(zero_spon_overlay), "spon")
+    record_compile_identity(other, spon_reference_case.checkpoint)
+    assert other.compute_hash() not in (spon.compute_hash(), dense.compute_hash())
+    again = config(str(zero_spon_overlay), "spon")
+    record_compile_identity(again, zero_spon_overlay)
+    assert again.compute_hash() == spon.compute_hash()

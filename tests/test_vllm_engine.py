@@ -1,0 +1,86 @@
+"""vLLM's CPU build with `load_format="spon"` against the calibration module's reference sparse model
+(fp32, the example model). One engine at a time: each is shut down before the next starts."""
+
+import numpy as np
+import pytest
+
+from tests.plugin_helpers import (
+    DENSE_PROMPTS,
+    dense_greedy,
+    engine,
+    expected_state,
+    generate_tokens,
+    prompt_logprobs,
+    spon_state,
+    tokenize,
+    worker_additional_config,
+)
+from vllm_spon.loader import COMPILE_KEY, checkpoint_identity
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _probe_workers():
+    """The probes passed to `apply_model` / `collective_rpc` are functions (in plugin_helpers, which vLLM's
+    spawned processes import: they inherit sys.path): vLLM pickles functions only if allowed."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        yield
+
+
+@pytest.fixture(scope="class")
+def llm(spon_reference_case):
+    with engine(spon_reference_case.checkpoint, load_format="spon") as llm:
+        yield llm
+
+
+class TestSponCheckpoint:
+    def test_greedy_tokens_equal_reference(self, llm, spon_reference_case):
+        assert generate_tokens(llm, spon_reference_case.prompts) == spon_reference_case.tokens
+
+    def test_logprobs_equal_reference_and_differ_from_dense(self, llm, spon_reference_case):
+        """Teacher-forced log-probabilities of every position: the reference's to rounding, not the dense model's."""
+        got = prompt_logprobs(llm, spon_reference_case.sequences)
+        for ours, spon, dense in zip(got, spon_reference_case.logprobs, spon_reference_case.dense_logprobs,
+                                     strict=True):
+            np.testing.assert_allclose(ours, spon, atol=1e-4)
+            assert np.abs(np.subtract(dense, spon)).mean() > 0.05
+
+    def test_every_layer_holds_the_checkpoint_tensors(self, llm, spon_reference_case):
+        [state] = llm.apply_model(spon_state)
+        assert {s["method"] for s in state.values()} == {"SponDenseLinearMethod(UnquantizedLinearMethod)"}
+        expected = expected_state(spon_reference_case.checkpoint, tp_rank=0, tp_size=1)
+        assert {name: {k: v for k, v in s.items() if k != "method"} for name, s in state.items()} == expected
+
+    def test_checkpoint_identity_is_in_the_compile_cache_key(self, llm, spon_reference_case):
+        [config] = llm.collective_rpc(worker_additional_config)
+        assert config == {COMPILE_KEY: checkpoint_identity(spon_reference_case.checkpoint)}
+
+
+def test_zero_thresholds_without_biases_give_dense_tokens(zero_spon_overlay, example_model_dir):
+    """An overlay checkpoint (spon/ plus links to the base files) whose thresholds are 0 and has no biases."""
+    with engine(str(zero_spon_overlay), load_format="spon") as llm:
+        tokens = generate_tokens(llm, tokenize(example_model_dir, DENSE_PROMPTS))
+        [state] = llm.apply_model(spon_state)
+    assert len(state) == 120 and all(max(s["thresholds"]) == 0 and s["bias"] is None for s in state.values())
+    assert tokens == dense_greedy(example_model_dir, DENSE_PROMPTS)
+
+
+def test_fp8_per_channel_serves_with_sparsity_in_effect(spon_reference_case, example_model_dir):
+    """Online fp8 weights (bf16 activations) under the SPON method: the SPON checkpoint changes fp8's output,
+    the way it changes the fp32 model's (the change correlates with the reference's SPON-minus-dense)."""
+    case = spon_reference_case
+    fp8 = {"quantization": "fp8_per_channel", "dtype": "bfloat16"}
+    with engine(case.checkpoint, load_format="spon", **fp8) as llm:
+        [state] = llm.apply_model(spon_state)
+        assert len(generate_tokens(llm, case.prompts)[0]) > 0
+        spon = prompt_logprobs(llm, case.sequences)
+    with engine(str(example_model_dir), **fp8) as llm:
+        dense = prompt_logprobs(llm, case.sequences)
+    assert {s["method"] for s in state.values()} == {"SponQuantizedLinearMethod(Fp8PtpcOnlineLinearMethod)"}
+    fp8_change = np.concatenate([np.subtract(s, d) for s, d in zip(spon, dense, strict=True)])
+    fp32_change = np.concatenate([np.subtract(s, d) for s, d in zip(case.logprobs, case.dense_logprobs,
+                                                                    strict=True)])
+    assert np.abs(fp8_change).mean() > 0.1
+    assert np.corrcoef(fp8_change, fp32_change)[0, 1] > 0.5
