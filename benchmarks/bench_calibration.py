@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--steps", type=int, help="override the default SPON step count")
+    parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     ns = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ns.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,10 @@ def main() -> None:
     results = []
     for s in [float(x) for x in ns.sparsities.split(",")]:
         checkpoint = ns.workdir / f"spon{round(s * 100)}"
+        row_file = checkpoint.with_suffix(".json")  # one row per sparsity, so an interrupted run resumes
+        if row_file.is_file() and not ns.fresh:
+            results.append(json.loads(row_file.read_text()))
+            continue
         t0 = time.perf_counter()
         extra = {"steps": ns.steps} if ns.steps is not None else {}
         calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
@@ -102,7 +107,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         results.append({"sparsity": s, "calibration_s": seconds,
                         "eval": evaluate_pair(model_dir, checkpoint, windows, stats)})
+        row_file.write_text(json.dumps(results[-1], indent=2))
         print(markdown(results[-1:]), flush=True)
+    results.sort(key=lambda r: r["sparsity"])
     (ns.workdir / "results.json").write_text(json.dumps(results, indent=2))
     (ns.workdir / "results.md").write_text(markdown(results) + "\n")
     plot(results, ns.workdir / "perplexity_vs_sparsity.png")

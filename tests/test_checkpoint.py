@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
+
+from tests.helpers import make_checkpoint
 from vllm_spon.calibration.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -16,8 +18,6 @@ from vllm_spon.calibration.checkpoint import (
     read_config,
 )
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
-
-from tests.helpers import make_checkpoint
 
 
 @pytest.fixture()
