@@ -6,8 +6,6 @@ Finished steps are reused (delete the work directory to start over). Prints what
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,50 +23,26 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_query(checkpoint: Path, log_path: Path) -> dict:
     """Start `vllm serve CHECKPOINT --load-format spon`, ask one chat question, stop the server."""
     from openai import OpenAI
 
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cmd = [str(VENV_BIN / "vllm"), "serve", str(checkpoint), "--load-format", "spon", "--dtype", "float32",
-           "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smollm2-spon"]
-    print("$", " ".join(cmd), f"> {log_path}", flush=True)
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        start = time.monotonic()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {server.returncode}; see {log_path}")
-            try:
-                client.models.list()
-                break
-            except Exception:
-                if time.monotonic() - start > 300:
-                    raise TimeoutError(f"vllm serve not ready after 300 s; see {log_path}") from None
-                time.sleep(2)
-        ready_s = time.monotonic() - start
+    from vllm_spon.server import vllm_server
+
+    t0 = time.monotonic()
+    with vllm_server(checkpoint, "--load-format", "spon", "--max-model-len", "2048",
+                     "--served-model-name", "smollm2-spon", log_path=log_path) as base_url:
+        ready_s = time.monotonic() - t0
+        client = OpenAI(base_url=base_url, api_key="none")
         t0 = time.monotonic()
         reply = client.chat.completions.create(
             model="smollm2-spon", temperature=0, max_tokens=64,
             messages=[{"role": "user", "content": "In two sentences, who was Jane Austen?"}],
         )
         elapsed = time.monotonic() - t0
-        return {"server_ready_s": round(ready_s, 1), "answer": reply.choices[0].message.content,
-                "completion_tokens": reply.usage.completion_tokens,
-                "tokens_per_s": round(reply.usage.completion_tokens / elapsed, 1)}
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    return {"server_ready_s": round(ready_s, 1), "answer": reply.choices[0].message.content,
+            "completion_tokens": reply.usage.completion_tokens,
+            "tokens_per_s": round(reply.usage.completion_tokens / elapsed, 1)}
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" 2
 #!$(cd "$VENV" && pwd)/bin/python
 import sys
 from vllm_spon.vllm_cli import main
-sys.exit(main())
+if __name__ == "__main__":  # vLLM spawns processes that re-import this script as __mp_main__
+    sys.exit(main())
 WRAP
   chmod +x "$VENV/bin/vllm"
 fi

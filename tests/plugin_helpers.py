@@ -25,6 +25,7 @@ import torch
 from tests.helpers import make_checkpoint
 from vllm_spon.calibration.checkpoint import load_checkpoint
 from vllm_spon.calibration.sparse_model import SparseModel, sparsifiable_linears
+from vllm_spon.server import CPU_ENV
 
 # Differ per projection so that fused layers get a different threshold per segment.
 SPARSITY = {
@@ -65,7 +66,6 @@ ENGINE_KWARGS = {
     "max_model_len": 512,
     "seed": 0,
 }
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
 
 
 def load_hf(model_dir: str | os.PathLike):
@@ -329,7 +329,7 @@ def engine(model: str, **kwargs):
     """A vLLM engine (`LLM`) on the CPU build with the settings above; shut down on exit."""
     from vllm import LLM
 
-    for key, value in ENGINE_ENV.items():
+    for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
     llm = LLM(model, **{**ENGINE_KWARGS, **kwargs})
     try:

@@ -1,0 +1,140 @@
+"""A real `vllm serve CHECKPOINT --load-format spon` process on 127.0.0.1, queried with the `openai` client;
+and every kind of bad checkpoint stopping `vllm serve` at start-up with a message naming file and tensor."""
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from tests.plugin_helpers import MAX_TOKENS
+from vllm_spon.server import ServerStartError, vllm_server
+
+pytestmark = pytest.mark.slow
+SERVED_NAME = "smollm2-spon"
+
+
+@pytest.fixture(scope="module")
+def base_url(spon_reference_case, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    with vllm_server(spon_reference_case.checkpoint, "--load-format", "spon", "--served-model-name", SERVED_NAME,
+                     "--max-model-len", "512", "--seed", "0", log_path=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tokenizer(example_model_dir):
+    return AutoTokenizer.from_pretrained(example_model_dir)
+
+
+def complete(base_url: str, prompts: list, concurrent: bool) -> list[str]:
+    """Greedy completions of `prompts`: all in flight at once, or one after another."""
+    from openai import AsyncOpenAI
+
+    async def one(client, prompt) -> str:
+        reply = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                temperature=0, extra_body={"ignore_eos": True})
+        return reply.choices[0].text
+
+    async def run() -> list[str]:
+        async with AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
+            if concurrent:
+                return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+            return [await one(client, p) for p in prompts]
+
+    return asyncio.run(run())
+
+
+def test_completions_give_the_reference_tokens(base_url, spon_reference_case, tokenizer):
+    texts = complete(base_url, spon_reference_case.prompts, concurrent=False)  # token-id prompts
+    assert texts == [tokenizer.decode(t) for t in spon_reference_case.tokens]
+
+
+def test_32_concurrent_requests_return_what_they_return_alone(base_url, spon_reference_case, tokenizer):
+    prompts = [tokenizer.decode(p) for p in spon_reference_case.prompts]
+    requests = [prompts[i % len(prompts)] for i in range(32)]
+    alone = dict(zip(prompts, complete(base_url, prompts, concurrent=False), strict=True))
+    together = complete(base_url, requests, concurrent=True)
+    assert together == [alone[p] for p in requests]
+    assert len(set(alone.values())) == len(prompts)
+
+
+def test_chat_completions_apply_the_chat_template(base_url, tokenizer):
+    """A chat request answers exactly like a completion of the chat-templated prompt."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=12, temperature=0)
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    plain = client.completions.create(model=SERVED_NAME, prompt=templated, max_tokens=12, temperature=0,
+                                      extra_body={"add_special_tokens": False})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens > 0
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert client.models.list().data[0].id == SERVED_NAME
+
+
+# --- bad checkpoints: each stops start-up; the message names the file and the tensor ------------------------
+
+def _overlay_copy(checkpoint: Path, output: Path) -> Path:
+    """A copy of `checkpoint` with its own `spon/` and links to its model files (no weight copies)."""
+    output.mkdir()
+    for item in checkpoint.iterdir():
+        if item.name == "spon":
+            shutil.copytree(item, output / "spon")
+        else:
+            (output / item.name).symlink_to(item.resolve())
+    return output
+
+
+def _edit_config(path: Path, **changes) -> None:
+    file = path / "spon" / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        target = config
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    file.write_text(json.dumps(config))
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    file = path / "spon" / "spon.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+MODULE = "model.layers.15.mlp.down_proj"
+BAD_CHECKPOINTS = {
+    "no spon/": (lambda p: shutil.rmtree(p / "spon"), "spon/config.json does not exist"),
+    "unknown format version": (lambda p: _edit_config(p, format_version=99), "unknown format_version 99"),
+    "missing tensor": (lambda p: _edit_tensors(p, lambda t: t.pop(f"{MODULE}.threshold")),
+                       f"missing tensors: ['{MODULE}']"),
+    "mis-shaped tensor": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+        f"{MODULE}.spon_bias"][:-1].contiguous()})), f"tensor {MODULE}.spon_bias has shape [575]"),
+    "NaN threshold": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.threshold": t[
+        f"{MODULE}.threshold"] * float("nan")})), f"tensor {MODULE}.threshold is nan"),
+    "negative threshold": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.threshold": -t[
+        f"{MODULE}.threshold"]})), f"tensor {MODULE}.threshold is -"),
+    "another base model": (lambda p: _edit_config(p, base_model__probe_sha256="0" * 64),
+                           "are not those the checkpoint was calibrated on"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_stops_start_up(case, spon_reference_case, tmp_path):
+    corrupt, message = BAD_CHECKPOINTS[case]
+    checkpoint = _overlay_copy(Path(spon_reference_case.checkpoint), tmp_path / "bad")
+    corrupt(checkpoint)
+    server = vllm_server(checkpoint, "--load-format", "spon", "--max-model-len", "512",
+                         log_path=tmp_path / "vllm-serve.log", timeout_s=240)
+    with pytest.raises(ServerStartError, match="exited with code") as info, server:
+        pytest.fail("vllm serve started on a bad checkpoint")
+    assert message in info.value.log
+    assert str(checkpoint / "spon") in info.value.log
