@@ -75,3 +75,13 @@ def zero_spon_overlay(example_model_dir) -> Path:
         modules = sparsifiable_linears(load_hf(example_model_dir))
         make_checkpoint(example_model_dir, path, dict.fromkeys(modules, 0.0), layout="overlay")
     return path
+
+
+@pytest.fixture(scope="session")
+def even_heads_spon_checkpoint(example_model_dir, spon_reference_case) -> Path:
+    """`spon_reference_case`'s checkpoint on a copy of the example model with 12 heads (3 exactly zero) that
+    splits over 2 tensor-parallel ranks and computes the same tokens."""
+    from tests.plugin_helpers import even_heads_checkpoint, write_even_heads_model
+
+    model = write_even_heads_model(CACHE / "plugin" / "smollm2-12-heads", example_model_dir)
+    return even_heads_checkpoint(spon_reference_case, model, Path(spon_reference_case.checkpoint).parent / "12-heads")
