@@ -83,10 +83,23 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # also timed on the CPU build (bench_cpu_decode.py)
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return time.perf_counter() - t0
+
+
+def decode_rate(llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s of one batch: the time of 1 + N new tokens minus that of 1 (prefill and first token
+    cancel), median of `repeats`, after a warm-up at this batch size."""
+    timed_generate(llm, prompts, 8)
+    rates = []
+    for _ in range(repeats):
+        prefill = timed_generate(llm, prompts, 1)
+        full = timed_generate(llm, prompts, 1 + new_tokens)
+        rates.append(len(prompts) * new_tokens / (full - prefill))
+    return statistics.median(rates)
 
 
 def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, repeats: int = 3) -> dict:
@@ -100,13 +113,7 @@ def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, repe
     gen = torch.Generator().manual_seed(0)
     for batch in BATCHES:
         prompts = [torch.randint(2, 512, (32,), generator=gen).tolist() for _ in range(batch)]
-        timed_generate(llm, prompts, 8)  # warm-up at this batch size
-        rates = []
-        for _ in range(repeats):
-            prefill = timed_generate(llm, prompts, 1)
-            full = timed_generate(llm, prompts, 1 + DECODE_TOKENS)
-            rates.append(batch * DECODE_TOKENS / (full - prefill))
-        result["decode_tok_s"][batch] = statistics.median(rates)
+        result["decode_tok_s"][batch] = decode_rate(llm, prompts, DECODE_TOKENS, repeats)
         print(f"{load_format} batch {batch}: {result['decode_tok_s'][batch]:.1f} tok/s", flush=True)
     def long_prompt() -> list[list[int]]:  # a fresh prompt every time: no prefix-cache hits
         return [torch.randint(2, 512, (PREFILL_TOKENS,), generator=gen).tolist()]
