@@ -98,7 +98,7 @@ def fit_thresholds(
                                   f"refit {i + 1}/{passes}")
         thresholds = {m: samples.threshold(m, s) for m, s in module_sparsity.items()}
         model.set_thresholds(thresholds)
-    log(f"thresholds fitted ({stats}, {passes} refit passes) for {len(thresholds)} modules")
+    log(f"thresholds fitted ({stats}, refit passes: {passes}) for {len(thresholds)} modules")
     return thresholds
 
 

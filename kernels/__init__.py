@@ -78,7 +78,11 @@ def sparse_linear(
     else:
         inputs = (lambda _: x) if presparsified else (lambda i: sparsify(x, thresholds[i]))
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= CPU_ROW_SKIP_MAX_TOKENS:
-            return _skip_rows(x, weight_t, segment_ends, bias, inputs)
+            if one_input:  # one sparse product over all segments: one pass over x, one over the kept rows
+                return _skip_rows(inputs(0), weight_t, bias)
+            y = torch.cat([_skip_rows(inputs(i), weight_t[:, s:e], None)
+                           for i, (s, e) in enumerate(_segments(segment_ends))], dim=1)
+            return y if bias is None else y.add_(bias)
     if one_input:
         return _matmul(inputs(0), weight_t, bias)
     return _dense_segments(x, weight_t, segment_ends, bias, inputs)
@@ -117,15 +121,7 @@ def _dense_segments(
     return y if bias is None else y.add_(bias)
 
 
-def _skip_rows(
-    x: torch.Tensor,
-    weight_t: torch.Tensor,
-    segment_ends: Sequence[int],
-    bias: torch.Tensor | None,
-    sparse_input: Callable[[int], torch.Tensor],
-) -> torch.Tensor:
-    """CPU decode: per segment, a COO input times W^T reads only the rows of the surviving inputs."""
-    y = x.new_empty((x.shape[0], weight_t.shape[1]))
-    for i, (s, e) in enumerate(_segments(segment_ends)):
-        y[:, s:e] = torch.sparse.mm(sparse_input(i).to_sparse(), weight_t[:, s:e])
+def _skip_rows(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """CPU decode: a COO input times W^T reads only the rows of the surviving (nonzero) inputs."""
+    y = torch.sparse.mm(xs.to_sparse(), weight_t)
     return y if bias is None else y.add_(bias)

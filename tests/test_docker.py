@@ -13,9 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-# The vLLM release of the GPU path: README's end-to-end results and check-tokens were measured on it. The
-# package states it nowhere else (setup.sh installs the latest `vllm` on a GPU), so it is pinned here.
-GPU_VLLM_VERSION = "0.26.0"
+# The vLLM release of the GPU path, from its one source: pyproject.toml's `gpu` extra (`vllm==X`).
+GPU_VLLM_VERSION = next(
+    req.split("==")[1] for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["gpu"] if req.startswith("vllm==")
+)
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str]]:
