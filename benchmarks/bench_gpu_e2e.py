@@ -52,7 +52,7 @@ def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dt
     """A random-weight Llama at `out/base` and overlay SPON checkpoints `out/spon{NN}` fitted to it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.helpers import make_checkpoint
+    from vllm_spon.calibration.checkpoint import make_checkpoint
     from vllm_spon.calibration.sparse_model import SparseModel
     from vllm_spon.calibration.thresholds import fit_thresholds
 

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_spon import __version__
+
 FORMAT_VERSION = 1
 SPON_DIR = "spon"
 CONFIG_FILE = "config.json"
@@ -387,3 +389,36 @@ def check_base_model(config: SponConfig, model_dir: str | os.PathLike, check_wei
             f"{spon_dir(model_dir) / CONFIG_FILE}: the weights of {model_dir} are not those the checkpoint was "
             f"calibrated on (tensor {ref.probe_tensor} differs from {ref.path}); calibrate this model instead"
         )
+
+
+def make_checkpoint(
+    model_dir: str | Path,
+    output: str | Path,
+    thresholds: dict[str, float],
+    biases: dict[str, torch.Tensor] | None = None,
+    layout: Literal["full", "overlay"] = "full",
+    target_sparsity: float = 0.5,
+    projections: tuple[str, ...] = ALL_PROJECTIONS,
+) -> Path:
+    """Write a checkpoint with exactly the given per-module thresholds and fused biases, no calibration run:
+    for thresholds chosen by hand (tests) or fitted elsewhere (the synthetic GPU benchmark)."""
+    biases = biases or {}
+    config = SponConfig(
+        format_version=FORMAT_VERSION,
+        layout=layout,
+        base_model=base_model_ref(model_dir),
+        method="spon" if biases else "teal",
+        bias_space="output" if biases else None,
+        target_sparsity=target_sparsity,
+        achieved_sparsity=target_sparsity,
+        projections=projections,
+        thresholds=dict(thresholds),
+        module_sparsity={m: target_sparsity for m in thresholds},
+        calibration=CalibrationInfo(
+            data="hand-made", num_tokens=1, window=1, threshold_stats="dense", allocation="uniform",
+            steps=0, lr=0.0, tokens_per_step=0, seed=0, seconds=0.0,
+        ),
+        created_at=now_iso(),
+        vllm_spon_version=__version__,
+    )
+    return write_checkpoint(output, model_dir, config, thresholds, biases, overwrite=True)

@@ -65,9 +65,8 @@ def spon_reference_case(example_model_dir):
 @pytest.fixture(scope="session")
 def zero_spon_overlay(example_model_dir) -> Path:
     """An overlay checkpoint of the example model with every threshold 0 and no biases: the dense model."""
-    from tests.helpers import make_checkpoint
     from tests.plugin_helpers import load_hf
-    from vllm_spon.calibration.checkpoint import is_spon_checkpoint
+    from vllm_spon.calibration.checkpoint import is_spon_checkpoint, make_checkpoint
     from vllm_spon.calibration.sparse_model import sparsifiable_linears
 
     path = CACHE / "plugin" / "zero-overlay"

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import make_checkpoint
-from vllm_spon.calibration.checkpoint import load_checkpoint
+from vllm_spon.calibration.checkpoint import load_checkpoint, make_checkpoint
 from vllm_spon.calibration.sparse_model import SparseModel, sparsifiable_linears
 from vllm_spon.server import CPU_ENV
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import make_checkpoint
 from vllm_spon.calibration.checkpoint import (
     CheckpointError,
     atomic_directory,
     check_base_model,
     load_checkpoint,
+    make_checkpoint,
     read_config,
 )
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
