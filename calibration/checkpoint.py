@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -49,6 +49,17 @@ PROJECTION_SITE = {
     "down_proj": "mlp_out",
 }
 ALL_PROJECTIONS = tuple(PROJECTION_SITE)
+
+
+def _known_projections(v: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(v) - set(ALL_PROJECTIONS))
+    if unknown or not v:
+        raise ValueError(f"projections must be a non-empty subset of {ALL_PROJECTIONS}, got {list(v)}")
+    return v
+
+
+# Which Hugging Face linear modules (by leaf name) are sparsified; shared by the checkpoint and calibration.
+Projections = Annotated[tuple[str, ...], AfterValidator(_known_projections)]
 # Config fields that must agree between a checkpoint and the model it is loaded onto.
 SHAPE_FIELDS = (
     "num_hidden_layers",
@@ -119,7 +130,7 @@ class SponConfig(_Strict):
     )
     target_sparsity: float = Field(ge=0, lt=1)
     achieved_sparsity: float = Field(ge=0, le=1, description="parameter-weighted, on calibration tokens")
-    projections: tuple[str, ...] = Field(description="which projections of every block are sparsified")
+    projections: Projections = Field(description="which projections of every block are sparsified")
     thresholds: dict[str, float] = Field(description="module name -> threshold (a copy of the tensors)")
     module_sparsity: dict[str, float] = Field(description="module name -> sparsity on calibration tokens")
     calibration: CalibrationInfo
@@ -135,14 +146,6 @@ class SponConfig(_Strict):
                 f"unknown format_version {v}: this vllm-spon reads version {FORMAT_VERSION}; "
                 "re-run `vllm-spon calibrate` or install the vllm-spon release that wrote it"
             )
-        return v
-
-    @field_validator("projections")
-    @classmethod
-    def _known_projections(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(v) - set(ALL_PROJECTIONS))
-        if unknown or not v:
-            raise ValueError(f"projections must be a non-empty subset of {ALL_PROJECTIONS}, got {v}")
         return v
 
     @field_validator("thresholds")

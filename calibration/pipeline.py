@@ -23,6 +23,7 @@ from vllm_spon.calibration.checkpoint import (
     FORMAT_VERSION,
     CalibrationInfo,
     PerplexityReport,
+    Projections,
     SponConfig,
     base_model_ref,
     now_iso,
@@ -55,7 +56,7 @@ class CalibrationArgs(BaseModel):
     method: Literal["spon", "teal"] = "spon"
     allocation: Literal["uniform", "greedy"] = "uniform"
     threshold_stats: Literal["dense", "sequential"] = "sequential"
-    projections: tuple[str, ...] = ALL_PROJECTIONS
+    projections: Projections = ALL_PROJECTIONS
     num_tokens: int = Field(default=8192, gt=0, description="tokens for threshold statistics")
     window: int = Field(default=256, ge=16)
     steps: int = Field(default=100, ge=0)
@@ -77,14 +78,6 @@ class CalibrationArgs(BaseModel):
     def _open_unit_interval(cls, v: float) -> float:
         if not 0 < v < 1:
             raise ValueError(f"--sparsity must be strictly between 0 and 1 (a fraction, e.g. 0.5), got {v}")
-        return v
-
-    @field_validator("projections")
-    @classmethod
-    def _known_projections(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(v) - set(ALL_PROJECTIONS))
-        if unknown or not v:
-            raise ValueError(f"--projections must be a non-empty subset of {ALL_PROJECTIONS}, got {unknown}")
         return v
 
     def resolved_device(self) -> str:
