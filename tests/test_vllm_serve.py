@@ -18,11 +18,22 @@ SERVED_NAME = "smollm2-spon"
 
 
 @pytest.fixture(scope="module")
-def base_url(spon_reference_case, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+def serve_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+
+
+@pytest.fixture(scope="module")
+def base_url(spon_reference_case, serve_log):
     with vllm_server(spon_reference_case.checkpoint, "--load-format", "spon", "--served-model-name", SERVED_NAME,
-                     "--max-model-len", "512", "--seed", "0", log_path=log) as url:
+                     "--max-model-len", "512", "--seed", "0", log_path=serve_log) as url:
         yield url
+
+
+def test_start_up_logs_what_was_loaded(base_url, serve_log, spon_reference_case):
+    [line] = [line for line in serve_log.read_text().splitlines() if "SPON: " in line]
+    assert spon_reference_case.checkpoint in line and "Installed on 120 vLLM linears" in line
+    assert "qkv_proj x30" in line and "SponDenseLinearMethod(UnquantizedLinearMethod) x120" in line
+    assert "target sparsity 0.50" in line and "210 fused biases" in line and "21/210 segments thresholded" in line
 
 
 @pytest.fixture(scope="module")
