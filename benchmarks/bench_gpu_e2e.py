@@ -115,6 +115,7 @@ def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, repe
         prompts = [torch.randint(2, 512, (32,), generator=gen).tolist() for _ in range(batch)]
         result["decode_tok_s"][batch] = decode_rate(llm, prompts, DECODE_TOKENS, repeats)
         print(f"{load_format} batch {batch}: {result['decode_tok_s'][batch]:.1f} tok/s", flush=True)
+
     def long_prompt() -> list[list[int]]:  # a fresh prompt every time: no prefix-cache hits
         return [torch.randint(2, 512, (PREFILL_TOKENS,), generator=gen).tolist()]
 
