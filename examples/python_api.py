@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from vllm_spon.server import CPU_ENGINE_ARGS, CPU_ENV
+
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 
 
@@ -20,9 +22,9 @@ def engine_settings() -> dict:
     and a memory fraction and KV cache (GiB) that fit small machines; set before vLLM is imported."""
     if torch.cuda.is_available():
         return {}
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return {"dtype": "float32", "gpu_memory_utilization": 0.5, "max_model_len": 2048}
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+    return {**CPU_ENGINE_ARGS, "max_model_len": 2048}
 
 
 def main() -> None:

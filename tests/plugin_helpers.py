@@ -24,7 +24,7 @@ import torch
 
 from vllm_spon.calibration.checkpoint import load_checkpoint, make_checkpoint
 from vllm_spon.calibration.sparse_model import SparseModel, sparsifiable_linears
-from vllm_spon.server import CPU_ENV
+from vllm_spon.server import CPU_ENGINE_ARGS, CPU_ENV
 
 # Differ per projection so that fused layers get a different threshold per segment.
 SPARSITY = {
@@ -58,13 +58,7 @@ DENSE_PROMPTS = [
 ]
 MAX_TOKENS = 8
 # Engine settings for the CPU build on these machines (the default memory fraction does not fit).
-ENGINE_KWARGS = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.5,
-    "max_model_len": 512,
-    "seed": 0,
-}
+ENGINE_KWARGS = {**CPU_ENGINE_ARGS, "enforce_eager": True, "max_model_len": 512, "seed": 0}
 
 
 def load_hf(model_dir: str | os.PathLike):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-# What vLLM's CPU build needs on 2-core machines: its default memory fraction does not fit the NUMA node.
-CPU_SERVE_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.5")
+# What vLLM's CPU build needs on 2-core machines (its default memory fraction does not fit the NUMA node),
+# as `LLM(...)` keyword arguments and as the same `vllm serve` flags.
+CPU_ENGINE_ARGS = {"dtype": "float32", "gpu_memory_utilization": 0.5}
+CPU_SERVE_ARGS = tuple(a for k, v in CPU_ENGINE_ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v)))
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
 
 
