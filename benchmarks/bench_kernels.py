@@ -1,7 +1,9 @@
 """Benchmark (and tune) the sparse linear on a CUDA GPU against cuBLAS, at Llama-3-8B shapes, bf16.
 
     python benchmarks/bench_kernels.py --out DIR           # table with the committed configs
-    python benchmarks/bench_kernels.py --tune --out DIR    # sweep kernel configs first; writes DIR/tuned_h100.py
+    python benchmarks/bench_kernels.py --tune --out DIR    # sweep configs first; writes DIR/tuned_<gpu>.py
+
+On a host without vLLM, make the checkout importable first: `eval "$(bash scripts/gpu_host_env.sh)"`.
 
 Timing: a CUDA graph of one call per weight copy (about 1 GB of copies, so that even at 90% sparsity a
 copy's rows have left the 50 MB L2 before it comes round again), cycling through 8 input sets, replayed
@@ -9,11 +11,14 @@ back to back; the median over repeats, per call. No L2 flush: its dirty lines wo
 the next timed kernel. A sparsity s means the threshold is the s-quantile of |x| of each input set (random
 normal data, never zeros). Each configuration is checked against `sparse_linear_reference` (poisoned output)
 before it is timed. "dense" is the faster of cuBLAS on the two weight layouts (`F.linear` on [out, in],
-`addmm` on [in, out]), bias included; "sparse" is what the plugin gets: `sparse_linear` with its dispatch.
-"ideal" is 1 / (fraction of weight rows some token keeps).
+`addmm` on [in, out]), bias included. "sparse" is what the plugin gets: `sparse_linear` with its dispatch, on
+an input the caller thresholded (thresholds None, the plugin's usual case; the tuning sweep passes the
+per-segment thresholds instead, which cost the kernels the same). "ideal" is 1 / (fraction of weight rows
+some token keeps).
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -30,7 +35,7 @@ import triton
 from vllm_spon import kernels
 from vllm_spon.kernels import configs
 from vllm_spon.kernels import triton_sparse as ts
-from vllm_spon.kernels.reference import sparse_linear_reference
+from vllm_spon.kernels.reference import sparse_linear_reference, sparsify
 
 SHAPES = {  # name: (in, segment ends)
     "gate_up 4096->14336": (4096, [14336]),
@@ -39,10 +44,13 @@ SHAPES = {  # name: (in, segment ends)
     "o 4096->4096": (4096, [4096]),
     "gate_up fused 4096->2x14336": (4096, [14336, 28672]),
 }
-TOKENS = (1, 2, 4, 8, 16)  # the table; tuning covers configs.TOKEN_BUCKETS (more tokens go dense)
+TOKENS = configs.TOKEN_BUCKETS  # the table, and the tuning (a bucket is tuned at its largest token count)
 PREFILL_TOKENS = (32, 64, 512)
 TUNE_SPARSITIES = (0.5, 0.0, 0.75)  # all configs at the first, the best few at all three
-TABLE_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+FINALISTS = 8
+FLOOR = 0.98  # a sparse config must reach this ratio to cuBLAS at sparsity 0 (one token: FLOOR_ONE)
+FLOOR_ONE = 0.97
+TABLE_SPARSITIES = (0.0, 0.4, 0.5, 0.6, 0.75, 0.9)
 INPUT_SETS = 8
 ROTATION_BYTES = 1e9  # weight copies per shape
 DTYPE = torch.bfloat16
@@ -71,6 +79,13 @@ def bench_us(calls: list[Callable[[], object]], replays: int = 10, repeats: int 
     return sorted(times)[repeats // 2]
 
 
+@dataclasses.dataclass
+class Inputs:
+    x: torch.Tensor
+    thresholds: torch.Tensor  # [segments], all the s-quantile of |x|
+    sparse_x: torch.Tensor  # S(x): what the plugin hands the kernel (thresholds None)
+
+
 class Case:
     """Weights of one shape (several copies, both layouts), bias, and input sets per (tokens, sparsity)."""
 
@@ -80,69 +95,70 @@ class Case:
         self.w = [(torch.randn(k, self.n, device="cuda") / k**0.5).to(DTYPE) for _ in range(copies)]
         self.w_linear = [w.t().contiguous() for w in self.w]  # [out, in]: what stock vLLM multiplies
         self.bias = (torch.randn(self.n, device="cuda") * 0.1).to(DTYPE)
-        self._inputs: dict[tuple[int, float], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._inputs: dict[tuple[int, float], list[Inputs]] = {}
         self._refs: dict[tuple[int, float], torch.Tensor] = {}
+        self._dense: dict[int, tuple[float, float]] = {}
 
-    def inputs(self, tokens: int, s: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """INPUT_SETS (x, thresholds) sets with threshold = s-quantile of |x| (0 for s = 0)."""
+    def inputs(self, tokens: int, s: float) -> list[Inputs]:
+        """INPUT_SETS input sets with threshold = s-quantile of |x| (0 for s = 0)."""
         key = (tokens, s)
         if key not in self._inputs:
             sets = []
             for _ in range(INPUT_SETS):
                 x = torch.randn(tokens, self.k, device="cuda").to(DTYPE)
                 t = torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0
-                sets.append((x, torch.full((len(self.ends),), t, device="cuda")))
+                sets.append(Inputs(x, torch.full((len(self.ends),), t, device="cuda"), sparsify(x, t)))
             self._inputs[key] = sets
         return self._inputs[key]
 
     def union(self, tokens: int, s: float) -> float:
-        """Fraction of weight rows that some token keeps (first segment's threshold)."""
-        return (
-            sum(float((x.float().abs() > t[0]).any(0).float().mean()) for x, t in self.inputs(tokens, s)) / INPUT_SETS
-        )
+        """Fraction of weight rows that some token keeps."""
+        sets = self.inputs(tokens, s)
+        return sum(float((i.sparse_x != 0).any(0).float().mean()) for i in sets) / INPUT_SETS
 
     def calls(self, fn: Callable, tokens: int, s: float, weights: list[torch.Tensor] | None = None) -> list:
-        """One fn(x, w, t) call per weight copy, cycling through the input sets."""
+        """One fn(inputs, w) call per weight copy, cycling through the input sets."""
         sets = self.inputs(tokens, s)
-        return [
-            lambda i=i, w=w: fn(sets[i % INPUT_SETS][0], w, sets[i % INPUT_SETS][1])
-            for i, w in enumerate(weights or self.w)
-        ]
+        return [lambda i=i, w=w: fn(sets[i % INPUT_SETS], w) for i, w in enumerate(weights or self.w)]
 
     def dense_us(self, tokens: int) -> tuple[float, float]:
         """(F.linear on [out, in], addmm on [in, out]) µs: cuBLAS on the unthresholded input."""
-        lin = bench_us(self.calls(lambda x, w, t: F.linear(x, w, self.bias), tokens, 0.0, self.w_linear))
-        mm = bench_us(self.calls(lambda x, w, t: torch.addmm(self.bias, x, w), tokens, 0.0))
-        return lin, mm
+        if tokens not in self._dense:
+            lin = bench_us(self.calls(lambda i, w: F.linear(i.x, w, self.bias), tokens, 0.0, self.w_linear))
+            mm = bench_us(self.calls(lambda i, w: torch.addmm(self.bias, i.x, w), tokens, 0.0))
+            self._dense[tokens] = (lin, mm)
+        return self._dense[tokens]
 
     def check(self, fn: Callable, tokens: int, s: float, **kwargs) -> float:
-        """Relative error of fn(x, w, t, **kwargs) against the float32 reference (NaN if any is NaN)."""
-        x, t = self.inputs(tokens, s)[0]
+        """Relative error of fn(inputs, w, **kwargs) against the float32 reference (NaN if any is NaN)."""
+        i = self.inputs(tokens, s)[0]
         if (tokens, s) not in self._refs:
-            self._refs[tokens, s] = sparse_linear_reference(x.float(), self.w[0].float(), t, self.ends, self.bias)
+            self._refs[tokens, s] = sparse_linear_reference(
+                i.x.float(), self.w[0].float(), i.thresholds, self.ends, self.bias
+            )
         ref = self._refs[tokens, s]
-        y = fn(x, self.w[0], t, **kwargs).float()
+        y = fn(i, self.w[0], **kwargs).float()
         return float((y - ref).norm() / ref.norm()) if not y.isnan().any() else math.nan
 
     def poisoned(self, tokens: int) -> torch.Tensor:
         return torch.full((tokens, self.n), float("nan"), dtype=DTYPE, device="cuda")
 
 
-def candidates(k: int, n: int, tokens: int) -> list[ts.Config]:
-    """The sweep (pruned by earlier runs, kernels/NOTES.md): the one-tile GEMV for one token, the tensor-core
-    kernel for any count. Its fp32 partials of a K split stay under a tenth of the weight bytes."""
+def candidates(tokens: int) -> list[ts.Config]:
+    """The sweep: the kept-rows kernel (the 4-warp corner of its grid beyond one token), and the earlier
+    kernels at their best H100 configs (kernels/NOTES.md) - the one-tile GEMV for one token, the tensor-core
+    kernel for more - so that the table keeps whichever wins."""
     out = []
     if tokens == 1:
-        for bn, bm, nw in itertools.product((256, 512, 1024), (16, 32, 64), (2, 4, 8)):
-            if 32 <= bm * bn // (32 * nw) <= 256:  # weight elements per thread
-                out.append(ts.Config("gemv", bn, bm, num_warps=nw))
-    splits = [2**i for i in range(8) if 2 * 2**i * tokens * n * 4 <= k * n * 2 / 10 or i == 0]
-    for bn, bm, ns in itertools.product((128, 256), (32, 64), (3, 4)):
-        out += [
-            ts.Config("dot", bn, bm, sk, 4, ns)
-            for sk in splits
-            if k // sk >= bm and (sk == 1 or 132 <= triton.cdiv(n, bn) * sk <= 4096)
-        ]
+        grid = itertools.product((256, 512, 1024), (16, 32, 64), (2, 4, 8), (2, 4, 8), (True, False))
+        out += [ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in ((1024, 2), (1024, 4), (2048, 8))]
+    else:
+        grid = itertools.product((256, 512), (16, 32), (2, 4, 8), (4, 8), (True, False))
+        out += [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
+    for bn, bm, groups, nw, gather in grid:
+        per_thread = bm * bn // (32 * nw)  # weight elements a thread holds
+        if 32 <= per_thread <= (128 if tokens == 1 else 64) and 64 <= bm * groups <= 512:
+            out.append(ts.Config("rows", bn, bm, num_warps=nw, groups=groups, gather=gather))
     return out
 
 
@@ -163,7 +179,16 @@ def _compile_worker(tasks: list[tuple[int, list[int], int, ts.Config]]) -> list[
     return errors
 
 
-def precompile(tasks: list, procs: int) -> None:
+def precompile(cases: dict[str, "Case"], procs: int) -> None:
+    """Compile every candidate once (a binary serves all shapes that tile alike), in parallel processes."""
+    tasks, seen = [], set()
+    for c in cases.values():
+        for tokens in TOKENS:
+            for config in candidates(tokens):
+                key = (tokens, dataclasses.replace(config, bn=ts.tile_n(config.bn, c.ends)))
+                if key not in seen:
+                    seen.add(key)
+                    tasks.append((c.k, c.ends, tokens, config))
     t0 = time.time()
     chunks = [tasks[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
@@ -174,20 +199,18 @@ def precompile(tasks: list, procs: int) -> None:
 
 
 def tune(cases: dict[str, Case], log) -> dict:
-    """Best config (or None: dense) per (in, out, tokens), by the geometric mean time over TUNE_SPARSITIES."""
+    """Per (in, out, token bucket): the sparse config with the best geometric-mean time over TUNE_SPARSITIES
+    among those within the floor of cuBLAS at sparsity 0, or None (dense) when none is, or cuBLAS is faster."""
     table = {}
     for name, case in cases.items():
-        for tokens in configs.TOKEN_BUCKETS:
-
-            def stacked(x, w, t, c=case):  # the dense path of `sparse_linear`
-                return kernels._dense_segments(x, w, c.ends, c.bias, ts.sparsify_segments(x, t).__getitem__)
-
-            dense_path = bench_us(case.calls(stacked, tokens, 0.5))
+        for tokens in TOKENS:
+            dense = min(case.dense_us(tokens))
+            floor = FLOOR_ONE if tokens == 1 else FLOOR
             results = []
-            for config in candidates(case.k, case.n, tokens):
+            for config in candidates(tokens):
 
-                def run(x, w, t, out=None, c=case, config=config):
-                    return ts.launch(x, w, t, c.ends, c.bias, config, out=out)
+                def run(i, w, out=None, c=case, config=config):
+                    return ts.launch(i.x, w, i.thresholds, c.ends, c.bias, config, out=out)
 
                 try:
                     err = case.check(run, tokens, 0.5, out=case.poisoned(tokens))
@@ -198,41 +221,36 @@ def tune(cases: dict[str, Case], log) -> dict:
                 except Exception as e:
                     print(f"FAILED {name} T={tokens} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             results.sort(key=lambda r: r[0])
-            if not results:
-                print(f"tune {name:28} T={tokens:2} no working config -> dense", flush=True)
-                table[(case.k, case.n, tokens)] = None
-                continue
             finalists = []
-            for us, config, run in results[:5]:
+            for us, config, run in results[:FINALISTS]:
                 times = [us] + [bench_us(case.calls(run, tokens, s)) for s in TUNE_SPARSITIES[1:]]
                 finalists.append((math.exp(sum(map(math.log, times)) / len(times)), times, config))
             finalists.sort(key=lambda f: f[0])
-            geo, times, best = finalists[0]
-            choice = best if geo < dense_path else None
+            fit = [f for f in finalists if dense / f[1][TUNE_SPARSITIES.index(0.0)] >= floor and f[0] < dense]
+            choice = fit[0][2] if fit else None
             table[(case.k, case.n, tokens)] = choice
             rec = {
                 "shape": name,
                 "tokens": tokens,
-                "dense_path_us": dense_path,
-                "best": repr(best),
-                "best_us_by_s": dict(zip(TUNE_SPARSITIES, times, strict=True)),
+                "dense_us": dense,
+                "finalists": [(f[0], dict(zip(TUNE_SPARSITIES, f[1], strict=True)), repr(f[2])) for f in finalists],
                 "chosen": repr(choice),
-                "top": [(r[0], repr(r[1])) for r in results[:12]],
+                "top": [(r[0], repr(r[1])) for r in results[:16]],
             }
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            best = finalists[0] if finalists else (math.nan, [math.nan] * 3, None)
             print(
-                f"tune {name:28} T={tokens:2} dense path {dense_path:6.1f} us | best {best} "
-                f"{' / '.join(f'{t:.1f}' for t in times)} us at s={TUNE_SPARSITIES} -> "
-                f"{'sparse' if choice else 'dense'}",
+                f"tune {name:28} T={tokens:2} cuBLAS {dense:6.1f} us | best {best[2]} "
+                f"{' / '.join(f'{t:.1f}' for t in best[1])} us at s={TUNE_SPARSITIES} -> {choice}",
                 flush=True,
             )
     return table
 
 
-def write_table(table: dict, path: Path) -> None:
+def write_table(table: dict, path: Path, device: str) -> None:
     lines = [
-        '"""Written by `benchmarks/bench_kernels.py --tune` on an H100 (bf16); None: dense is faster."""',
+        f'"""Written by `benchmarks/bench_kernels.py --tune` on an {device} (bf16); None: cuBLAS is faster."""',
         "",
         "from .triton_sparse import Config",
         "",
@@ -243,20 +261,19 @@ def write_table(table: dict, path: Path) -> None:
 
 
 def measure(cases: dict[str, Case], log) -> list[dict]:
-    """The table: dense vs the plugin's `sparse_linear` per shape, tokens and sparsity."""
+    """The table: cuBLAS vs the plugin's `sparse_linear` (presparsified input) per shape, tokens, sparsity."""
     rows = []
     for name, case in cases.items():
         for tokens in TOKENS + PREFILL_TOKENS:
             lin, mm = case.dense_us(tokens)
-            config = configs.select(case.k, case.n, tokens, DTYPE)
+            config = configs.select(case.k, case.n, tokens, DTYPE, torch.device("cuda"))
             for s in TABLE_SPARSITIES if tokens in TOKENS else (0.5,):
 
-                def e2e(x, w, t, c=case):
-                    return kernels.sparse_linear(x, w, t, c.ends, c.bias)
+                def e2e(i, w, c=case):
+                    return kernels.sparse_linear(i.sparse_x, w, None, c.ends, c.bias)
 
                 err = case.check(e2e, tokens, s)
                 us = bench_us(case.calls(e2e, tokens, s))
-                union = case.union(tokens, s)
                 row = {
                     "shape": name,
                     "tokens": tokens,
@@ -265,7 +282,7 @@ def measure(cases: dict[str, Case], log) -> list[dict]:
                     "dense_mm_us": mm,
                     "sparse_us": us,
                     "ratio": min(lin, mm) / us,
-                    "ideal": 1 / union,
+                    "ideal": 1 / case.union(tokens, s),
                     "rel_err": err,
                     "path": repr(config) if config else "dense",
                 }
@@ -281,34 +298,18 @@ def measure(cases: dict[str, Case], log) -> list[dict]:
     return rows
 
 
-def dense_anatomy(case: Case, tokens: int) -> str:
-    """Where the dense path's time goes for a fused layer: thresholding, the per-segment matmuls, the bias."""
-    segs = list(zip([0, *case.ends[:-1]], case.ends, strict=True))
-    y = torch.empty(tokens, case.n, device="cuda", dtype=DTYPE)
-    stacked = ts.sparsify_segments(case.inputs(tokens, 0.5)[0][0], case.inputs(tokens, 0.5)[0][1])
-
-    def mms(x, w, t):
-        for i, (a, b) in enumerate(segs):
-            torch.mm(stacked[i], w[:, a:b], out=y[:, a:b])
-
-    parts = {
-        "sparsify": bench_us(case.calls(lambda x, w, t: ts.sparsify_segments(x, t), tokens, 0.5)),
-        "segment mms": bench_us(case.calls(mms, tokens, 0.5)),
-        "bias add": bench_us([lambda: y.add_(case.bias)] * 8),
-    }
-    return f"dense path anatomy T={tokens}: " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
-
-
 def markdown(rows: list[dict]) -> str:
+    """One line per (shape, tokens): cuBLAS µs, then sparse µs (ratio) per sparsity, and the path."""
     out = [
-        "| shape | T | s | dense us | sparse us | ratio | ideal | path |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | T | cuBLAS us | " + " | ".join(f"s={s}" for s in TABLE_SPARSITIES) + " | path |",
+        "| --- " * (len(TABLE_SPARSITIES) + 4) + "|",
     ]
-    for r in rows:
-        out.append(
-            f"| {r['shape']} | {r['tokens']} | {r['sparsity']:.2f} | {min(r['dense_linear_us'], r['dense_mm_us']):.1f} "
-            f"| {r['sparse_us']:.1f} | {r['ratio']:.2f} | {r['ideal']:.2f} | {r['path']} |"
-        )
+    for (shape, tokens), group in itertools.groupby(rows, key=lambda r: (r["shape"], r["tokens"])):
+        group = list(group)
+        by_s = {r["sparsity"]: f"{r['sparse_us']:.1f} ({r['ratio']:.2f}x)" for r in group}
+        dense = min(group[0]["dense_linear_us"], group[0]["dense_mm_us"])
+        cells = [by_s.get(s, "") for s in TABLE_SPARSITIES]
+        out.append(f"| {shape} | {tokens} | {dense:.1f} | " + " | ".join(cells) + f" | {group[0]['path']} |")
     return "\n".join(out) + "\n"
 
 
@@ -337,19 +338,15 @@ def main() -> None:
     )
     cases = {name: Case(*SHAPES[name]) for name in args.shapes}
     if args.tune:
-        tasks = [(c.k, c.ends, t, cfg) for c in cases.values() for t in TOKENS for cfg in candidates(c.k, c.n, t)]
-        precompile(tasks, args.procs)
+        precompile(cases, args.procs)
         with open(args.out / "tune.jsonl", "w") as log:
             table = tune(cases, log)
-        write_table(table, args.out / "tuned_h100.py")
-        configs.TUNED.clear()
-        configs.TUNED.update(table)
+        write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name)
+        tuned = configs.table_for(props.name)
+        tuned.clear()
+        tuned.update(table)
     with open(args.out / "bench.jsonl", "w") as log:
         rows = measure(cases, log)
-    for name, case in cases.items():
-        if len(case.ends) > 1:
-            for tokens in (16, *PREFILL_TOKENS):
-                print(name, dense_anatomy(case, tokens), flush=True)
     (args.out / "bench.json").write_text(
         json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows}, indent=1)
     )

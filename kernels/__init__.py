@@ -40,7 +40,7 @@ def prepare(device: torch.device, max_out_features: int) -> None:
     if device.type == "cuda" and has_triton_cuda():
         from . import triton_sparse
 
-        triton_sparse.reserve_workspace(device, max_out_features)
+        triton_sparse.reserve_workspace(device, max_out_features * triton_sparse.MAX_ROW_TOKENS)
         triton_sparse._arrival_counters(device)
 
 
@@ -68,7 +68,7 @@ def sparse_linear(
     if x.is_cuda and has_triton_cuda():
         from . import configs, triton_sparse
 
-        config = configs.select(weight_t.shape[0], weight_t.shape[1], x.shape[0], x.dtype)
+        config = configs.select(weight_t.shape[0], weight_t.shape[1], x.shape[0], x.dtype, x.device)
         if config is not None:
             return triton_sparse.launch(x, weight_t, thresholds, segment_ends, bias, config)
         if presparsified:

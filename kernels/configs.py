@@ -1,52 +1,73 @@
-"""Launch configurations of the sparse kernels, chosen offline (no autotuning at call time).
+"""Launch configurations of the sparse kernels, chosen offline per GPU model (no autotuning at call time).
 
-`tuned_h100.py` is written by `benchmarks/bench_kernels.py --tune` on an H100: for each tuned (in, out) shape
-and token bucket, the fastest config over sparsities 0/0.5/0.75, or None where a dense matmul was faster.
-Unseen shapes borrow the nearest tuned shape's choice (log distance), with split_k rescaled to keep about as
-many programs in flight.
+`benchmarks/bench_kernels.py --tune` writes `tuned_<gpu>.py` on the GPU it runs on (`gpu_slug` of the
+device name: "NVIDIA H200" -> `tuned_h200.py`): for each tuned (in, out) shape and token bucket, the fastest
+config over sparsities 0/0.5/0.75 that keeps up with cuBLAS at sparsity 0, or None where cuBLAS is faster.
+A GPU without a table of its own takes `DEFAULT_GPU`'s (the H200's: the kernel design was measured there;
+run the tuning on such a GPU for a table of its own). Unseen shapes borrow the nearest tuned shape's choice
+(log distance), with split_k rescaled to keep about as many programs in flight.
 """
 
 import dataclasses
+import importlib
 import math
+import re
+from functools import cache
 
 import torch
 
 from .triton_sparse import Config
-from .tuned_h100 import TUNED
 
-TOKEN_BUCKETS = (1, 2)  # tuned token counts (next bucket up); more tokens: dense (NOTES.md)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # a token count takes the next bucket up; more tokens: dense (prefill)
+DEFAULT_GPU = "h200"
 
 
-def select(k: int, n: int, tokens: int, dtype: torch.dtype) -> Config | None:
-    """The sparse-kernel config for x `[tokens, k]` @ W^T `[k, n]`, or None for the dense path."""
+def gpu_slug(device_name: str) -> str:
+    """The model in a device name, lower case: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"."""
+    return next((w.lower() for w in re.findall(r"[A-Za-z]*\d+[A-Za-z]*", device_name)), "unknown")
+
+
+@cache
+def table_for(device_name: str) -> dict[tuple[int, int, int], Config | None]:
+    """The tuned table of a GPU model, or DEFAULT_GPU's when it has none."""
+    try:
+        module = importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__)
+    except ModuleNotFoundError:
+        module = importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__)
+    return module.TUNED
+
+
+@cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else DEFAULT_GPU
+
+
+def select(k: int, n: int, tokens: int, dtype: torch.dtype, device: torch.device | None = None) -> Config | None:
+    """The sparse-kernel config for x `[tokens, k]` @ W^T `[k, n]` on `device`, or None for the dense path."""
     bucket = next((b for b in TOKEN_BUCKETS if tokens <= b), None)
     if bucket is None:  # prefill
         return None
-    config = TUNED.get((k, n, bucket), ...)
+    table = table_for(DEFAULT_GPU if device is None else _device_name(device))
+    config = table.get((k, n, bucket), ...)
     if config is ...:
-        config = _nearest(k, n, bucket)
+        config = _nearest(table, k, n, bucket)
     if config is not None and dtype == torch.float32:  # twice the bytes per element: same bytes per row
         config = dataclasses.replace(config, bn=max(16, config.bn // 2))
     return config
 
 
-def _nearest(k: int, n: int, bucket: int) -> Config | None:
-    shapes = [(kk, nn) for kk, nn, b in TUNED if b == bucket]
+def _nearest(table: dict, k: int, n: int, bucket: int) -> Config | None:
+    shapes = [(kk, nn) for kk, nn, b in table if b == bucket]
     if not shapes:
         return _default(k, n, bucket)
     kk, nn = min(shapes, key=lambda s: abs(math.log(s[0] / k)) + abs(math.log(s[1] / n)))
-    config = TUNED[(kk, nn, bucket)]
-    if config is None:
-        return None
-    if config.kind == "gemv":  # one tile per program: the grid follows the shape by itself
+    config = table[(kk, nn, bucket)]
+    if config is None or config.kind != "dot":  # one tile per program: the grid follows the shape by itself
         return config
     tiles = math.ceil(nn / config.bn) * config.split_k / math.ceil(n / config.bn)
     return dataclasses.replace(config, split_k=max(1, min(round(tiles), k // config.bm)))
 
 
-def _default(k: int, n: int, bucket: int) -> Config:
-    """No table at all: the GEMV for one token, else about 4 programs per SM of an H100-sized GPU."""
-    if bucket == 1:
-        return Config("gemv", bn=1024, bm=32, num_warps=2)
-    split_k = max(1, min(528 // math.ceil(n / 128), k // 64))
-    return Config("dot", 128, 64, split_k, num_warps=4, num_stages=3)
+def _default(k: int, n: int, bucket: int) -> Config | None:
+    """An empty table: the kept-rows kernel for one or two tokens, dense from there on."""
+    return Config("rows", bn=512, bm=32, groups=4, num_warps=4) if bucket <= 2 else None

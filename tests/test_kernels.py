@@ -35,21 +35,27 @@ def test_in_interpreter():
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CONFIGS = {  # the one-tile atomic GEMV (one token) and the tensor-core kernel, without and with a K split
+CONFIGS = {  # the kept-rows kernel (both searches), the one-tile GEMV (one token), the tensor-core kernel
+    "rows": ("rows", 32, 8, 1, 1, 1, 4, True),  # blocks of 32 inputs, groups of 8 kept rows
+    "rows-compare": ("rows", 64, 16, 1, 2, 1, 2, False),
     "gemv": ("gemv", 32, 16, 1),
-    "gemv-wide": ("gemv", 64, 32, 1),
-    "dot": ("dot", 32, 16, 1),
     "dot-split": ("dot", 32, 32, 2),
 }
 SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
 
 
-def _problem(tokens, k, ends, dtype, bias=True, quantiles=(0.3, 0.6, 0.8)):
-    x = torch.randn(tokens, k).to(dtype)
-    w = (torch.randn(k, ends[-1]) / k**0.5).to(dtype)
+def _problem(tokens, k, ends, dtype, bias=True, quantiles=(0.3, 0.6, 0.8), integers=False):
+    """Random x, W^T, bias and per-segment thresholds at the given quantiles of |x|. integers: small whole
+    numbers, whose fp32 sums are exact in any order, so that outputs can be compared bit for bit."""
+    if integers:
+        x = torch.randint(-4, 5, (tokens, k)).to(dtype)
+        w = torch.randint(-3, 4, (k, ends[-1])).to(dtype)
+    else:
+        x = torch.randn(tokens, k).to(dtype)
+        w = (torch.randn(k, ends[-1]) / k**0.5).to(dtype)
     q = torch.tensor(quantiles[: len(ends)])
     thresholds = torch.quantile(x.float().abs().flatten(), q).float()
-    b = torch.randn(ends[-1]).to(dtype) if bias else None
+    b = (torch.randint(-8, 9, (ends[-1],)) if integers else torch.randn(ends[-1])).to(dtype) if bias else None
     return x, w, thresholds, b
 
 
@@ -66,23 +72,39 @@ def _launch(x, w, thresholds, ends, b, config):
     return ts.launch(x, w, thresholds, ends, b, config, out=out)
 
 
+# (tokens, dtype, segments, bias, config): every token count, dtype and segment layout, mixed so that
+# each appears with and without bias and under both searches without taking the full product.
+ROWS_CASES = [
+    (tokens, dtype, segments, (i + j) % 2 == 0, "rows" if (i + j) % 3 else "rows-compare")
+    for i, tokens in enumerate([1, 2, 3, 5, 8])
+    for j, (dtype, segments) in enumerate(zip(DTYPES, ["qkv", "ragged", "one"], strict=True))
+]
+
+
 @interpreted
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("segments", SEGMENTS)
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
-def test_kernel_matches_reference(dtype, segments, config, tokens):
-    if config.startswith("gemv") and tokens > 1:
-        pytest.skip("the GEMV is for one token; launch() takes the tensor-core kernel for more")
+@pytest.mark.parametrize(("tokens", "dtype", "segments", "bias", "config"), ROWS_CASES, ids=str)
+def test_kept_rows_kernel_matches_reference(tokens, dtype, segments, bias, config):
     ends = SEGMENTS[segments]
-    x, w, thr, b = _problem(tokens, 80, ends, dtype, bias=segments != "one")
+    x, w, thr, b = _problem(tokens, 77, ends, dtype, bias=bias)  # 77 inputs: a partial last block
     y = _launch(x, w, thr, ends, b, config)
     assert y.dtype == dtype
-    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b).float()) < TOL[dtype]
+    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[dtype]
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["gemv", "dot-split"])
+@pytest.mark.parametrize("config", ["rows", "rows-compare"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_kept_rows_kernel_is_exact_on_whole_numbers(config, tokens):
+    """Whole-number data: the fp32 sums are exact whatever the order of the atomics, so y must equal the
+    reference bit for bit (a dropped row read, a kept row missed or counted twice would show)."""
+    for dtype in DTYPES:
+        ends = SEGMENTS["qkv"]
+        x, w, thr, b = _problem(tokens, 100, ends, dtype, integers=True, quantiles=(0.2, 0.5, 0.9))
+        assert torch.equal(_launch(x, w, thr, ends, b, config), sparse_linear_reference(x, w, thr, ends, b))
+
+
+@interpreted
+@pytest.mark.parametrize("config", ["rows", "gemv", "dot-split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
     ends = SEGMENTS["qkv"]
@@ -98,11 +120,22 @@ def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
 
 
 @interpreted
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_presparsified_input_drops_exact_zeros(tokens):
+    """Thresholds zero on a thresholded x (what `sparse_linear` does for thresholds=None): zeros dropped."""
+    ends = SEGMENTS["qkv"]
+    x, w, thr, b = _problem(tokens, 80, ends, torch.bfloat16, integers=True)
+    xs = sparsify(x, thr[0])
+    y = _launch(xs, w, torch.zeros(3), ends, b, "rows")
+    assert torch.equal(y, sparse_linear_reference(x, w, thr[:1].expand(3), ends, b))
+
+
+@interpreted
 def test_launches_leave_workspace_and_counters_zero():
     """The kernels' per-device state must be back to zero after every launch, or the next one is wrong."""
     ends = SEGMENTS["qkv"]
-    for config, tokens in (("gemv", 1), ("dot-split", 3)):
-        for _ in range(3):  # fresh inputs each time: a stale partial sum would show
+    for config, tokens in (("rows", 1), ("rows", 4), ("gemv", 1), ("dot-split", 3)):
+        for _ in range(2):  # fresh inputs each time: a stale partial sum would show
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)
             assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[torch.float32]
@@ -111,7 +144,8 @@ def test_launches_leave_workspace_and_counters_zero():
 
 
 @interpreted
-def test_union_mask_reads_rows_any_token_keeps():
+@pytest.mark.parametrize("config", ["rows", "dot-split"])
+def test_union_mask_reads_rows_any_token_keeps(config):
     """Tokens with disjoint surviving inputs: each token must see only its own, the rows read are the union."""
     k, ends = 64, [32]
     x = torch.zeros(4, k)
@@ -120,7 +154,7 @@ def test_union_mask_reads_rows_any_token_keeps():
     x += torch.randn(4, k) * 0.01  # below the threshold, never zero
     w = torch.randn(k, 32)
     thr = torch.tensor([0.5])
-    y = _launch(x, w, thr, ends, None, "dot-split")
+    y = _launch(x, w, thr, ends, None, config)
     assert _rel_err(y, sparse_linear_reference(x, w, thr, ends)) < TOL[torch.float32]
 
 
@@ -150,17 +184,20 @@ def test_cpu_path_matches_reference(dtype, tokens, segments):
 def test_config_selection():
     from vllm_spon.kernels import configs
 
+    assert configs.gpu_slug("NVIDIA H100 80GB HBM3") == "h100" and configs.gpu_slug("NVIDIA H200") == "h200"
+    assert configs.table_for("NVIDIA H100 80GB HBM3") is not configs.table_for("NVIDIA H200")
+    assert configs.table_for("NVIDIA B200") is configs.table_for("NVIDIA H200")  # no table: the default
     assert configs.select(4096, 4096, configs.TOKEN_BUCKETS[-1] + 1, torch.bfloat16) is None  # prefill: dense
     for tokens in (1, 3, 16):
         for k, n in ((4096, 14336), (576, 1536), (100000, 64)):  # tuned and unseen shapes
             config = configs.select(k, n, tokens, torch.bfloat16)
             if config is not None:
                 assert config.bn >= 16 and config.bm >= 8 and 1 <= config.split_k <= max(1, k // config.bm)
-                assert tokens == 1 or config.kind == "dot"
+                assert tokens == 1 or config.kind != "gemv"
     bf16, fp32 = (configs.select(576, 1536, 1, d) for d in (torch.bfloat16, torch.float32))
     if bf16 is not None:
         assert fp32.bn == max(16, bf16.bn // 2)
-        x, w, thr, b = _problem(1, 576, [1536], torch.float32)  # a heuristic config runs correctly
+        x, w, thr, b = _problem(1, 576, [1536], torch.float32)  # a borrowed config runs correctly
         y = _launch(x, w, thr, [1536], b, fp32)
         assert _rel_err(y, sparse_linear_reference(x, w, thr, [1536], b)) < TOL[torch.float32]
 
