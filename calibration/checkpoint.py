@@ -8,7 +8,9 @@ Tensors are named after the Hugging Face module they belong to:
   `<module>.threshold`  0-d float32, the magnitude below which the module's inputs are zeroed;
   `<module>.spon_bias`  float32 `[out_features]`, the fused SPON bias `W a`, added to the module's output
                         (on top of the module's own bias, if it has one).
-Writes are atomic (a temporary sibling directory renamed into place) and reads never unpickle.
+Writes are atomic (calibration/atomic.py) and replace only a previous checkpoint; reads never unpickle.
+`load_checkpoint` is the one validator: `inspect`, `eval` and the vLLM loader call it, and `write_checkpoint`
+applies its checks to what it is about to write.
 """
 
 import hashlib
@@ -17,8 +19,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_spon import __version__
+from vllm_spon.calibration.atomic import OutputError, atomic_directory, unfinished
 
 FORMAT_VERSION = 1
 SPON_DIR = "spon"
@@ -49,6 +50,10 @@ PROJECTION_SITE = {
     "down_proj": "mlp_out",
 }
 ALL_PROJECTIONS = tuple(PROJECTION_SITE)
+# The sub-module of a decoder block that holds each projection (`model.layers.N.<parent>.<projection>`).
+PROJECTION_PARENT = {p: "self_attn" if site.startswith("attn") else "mlp" for p, site in PROJECTION_SITE.items()}
+# Architectures whose module names and shapes the format (and the vLLM plugin) know; one place to extend.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 def _known_projections(v: tuple[str, ...]) -> tuple[str, ...]:
@@ -186,7 +191,7 @@ class SponCheckpoint:
         c = self.config
         return (
             f"{c.method.upper()} checkpoint: {len(self.modules)} linears ({', '.join(c.projections)}), "
-            f"target sparsity {c.target_sparsity:.2f}, achieved {c.achieved_sparsity:.3f}, "
+            f"target sparsity {c.target_sparsity:.2f}, achieved {c.achieved_sparsity:.3f} on calibration tokens, "
             f"thresholds min {values.min():.4g} / median {values.median():.4g} / max {values.max():.4g}, "
             f"{len(self.biases)} fused biases"
         )
@@ -197,12 +202,22 @@ def spon_dir(checkpoint: str | os.PathLike) -> Path:
 
 
 def is_spon_checkpoint(path: str | os.PathLike) -> bool:
-    return (spon_dir(path) / CONFIG_FILE).is_file()
+    """A finished checkpoint directory (possibly invalid): what `--overwrite` may replace."""
+    return (spon_dir(path) / CONFIG_FILE).is_file() and not unfinished(Path(path))
+
+
+def _one_line(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
 
 
 def read_config(checkpoint: str | os.PathLike) -> SponConfig:
     """Read and validate `spon/config.json`; errors name the file and the fix."""
     path = spon_dir(checkpoint) / CONFIG_FILE
+    if unfinished(Path(checkpoint)):
+        raise CheckpointError(
+            f"{checkpoint} is an unfinished write of vllm-spon (interrupted, or still running), not a "
+            "checkpoint; delete it, or wait for the run writing it"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"{checkpoint} is not a SPON checkpoint: {path} does not exist. "
@@ -210,99 +225,203 @@ def read_config(checkpoint: str | os.PathLike) -> SponConfig:
             "the dense model."
         )
     try:
-        return SponConfig.model_validate_json(path.read_text())
+        return SponConfig.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
     except ValidationError as e:
-        raise CheckpointError(f"{path} is not a valid SPON config:\n{e}") from None
+        raise CheckpointError(f"{path} is not a valid SPON config: {_one_line(e)}") from None
 
 
-def load_checkpoint(checkpoint: str | os.PathLike) -> SponCheckpoint:
-    """Load and validate a checkpoint: config, tensor names, shapes, values and their agreement."""
+def load_checkpoint(checkpoint: str | os.PathLike, check_weights: bool = True) -> SponCheckpoint:
+    """The one validator (inspect, eval, the vLLM loader): the checkpoint and the model files beside it.
+
+    Checks the config, the overlay's links, the base model's identity (`check_weights=False` skips the
+    probe weight, for base weights not read from disk) and every tensor against the config and the model's
+    shapes. Every refusal is one line naming the file, the tensor and the fix.
+    """
     config = read_config(checkpoint)
-    path = spon_dir(checkpoint) / TENSORS_FILE
+    _check_links(checkpoint, config)
+    check_base_model(config, checkpoint, check_weights=check_weights)
+    thresholds, biases = _read_tensors(spon_dir(checkpoint) / TENSORS_FILE)
+    validate_contents(spon_dir(checkpoint), config, read_hf_config(checkpoint), thresholds, biases)
+    return SponCheckpoint(config, thresholds, biases)
+
+
+def _check_links(checkpoint: str | os.PathLike, config: SponConfig) -> None:
+    for link in sorted(Path(checkpoint).iterdir()):
+        if link.is_symlink() and not link.exists():
+            raise CheckpointError(
+                f"{link} points to {os.readlink(link)}, which does not exist: the base model "
+                f"{config.base_model.path} moved or was deleted; restore it there, or re-create the "
+                f"{config.layout} checkpoint from where it is now"
+            )
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(thresholds, biases) keyed by module; nothing is unpickled, and an unreadable file is named."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; re-run calibration")
     thresholds: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensor = f.get_tensor(name)
-            if name.endswith(THRESHOLD_SUFFIX):
-                thresholds[name.removesuffix(THRESHOLD_SUFFIX)] = tensor
-            elif name.endswith(BIAS_SUFFIX):
-                biases[name.removesuffix(BIAS_SUFFIX)] = tensor
-            else:
-                raise CheckpointError(
-                    f"{path}: unexpected tensor {name!r}; names end in {THRESHOLD_SUFFIX} or {BIAS_SUFFIX}"
-                )
-    _validate_tensors(path, config, thresholds, biases)
-    return SponCheckpoint(config, thresholds, biases)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            for name in names:
+                if not name.endswith((THRESHOLD_SUFFIX, BIAS_SUFFIX)):
+                    raise CheckpointError(
+                        f"{path}: unexpected tensor {name!r}; names end in {THRESHOLD_SUFFIX} or {BIAS_SUFFIX}"
+                    )
+                target = thresholds if name.endswith(THRESHOLD_SUFFIX) else biases
+                target[name.removesuffix(THRESHOLD_SUFFIX).removesuffix(BIAS_SUFFIX)] = f.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types (header, size, dtype) and OSError
+        raise CheckpointError(
+            f"{path} cannot be read as safetensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}): "
+            "it is truncated, corrupt or not a safetensors file (vllm-spon never unpickles); re-run calibration"
+        ) from None
+    return thresholds, biases
 
 
-def _validate_tensors(
-    path: Path, config: SponConfig, thresholds: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]
+def module_out_features(hf_config: dict, projections: tuple[str, ...], source: str) -> dict[str, int]:
+    """Every sparsified module of a Llama-style model, in model order, with its output size."""
+    try:
+        layers, hidden = int(hf_config["num_hidden_layers"]), int(hf_config["hidden_size"])
+        heads, intermediate = int(hf_config["num_attention_heads"]), int(hf_config["intermediate_size"])
+        kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+        head_dim = int(hf_config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: a Llama-style config needs {e} (an integer)") from None
+    sizes = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
+             "o_proj": hidden, "gate_proj": intermediate, "up_proj": intermediate, "down_proj": hidden}
+    return {f"model.layers.{i}.{PROJECTION_PARENT[p]}.{p}": sizes[p]
+            for i in range(layers) for p in ALL_PROJECTIONS if p in projections}
+
+
+def validate_contents(
+    directory: Path,
+    config: SponConfig,
+    hf_config: dict,
+    thresholds: dict[str, torch.Tensor],
+    biases: dict[str, torch.Tensor],
 ) -> None:
+    """The config's claims against the model's modules, and every tensor against the config and the model:
+    run on what `load_checkpoint` read and on what calibration is about to write (`directory` = `spon/`)."""
+    config_file, tensors_file = directory / CONFIG_FILE, directory / TENSORS_FILE
+    out_features = module_out_features(hf_config, config.projections, f"{directory.parent}/config.json")
+    expected = set(out_features)
+    for claim, names in (("thresholds", config.thresholds), ("module_sparsity", config.module_sparsity)):
+        if set(names) != expected:
+            missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
+            raise CheckpointError(
+                f"{config_file}: {claim} "
+                + (f"lacks module {missing[0]} ({len(missing)} missing)" if missing else
+                   f"names {extra[0]} ({len(extra)} in all), not a {'/'.join(config.projections)} module of this "
+                   f"{hf_config.get('num_hidden_layers')}-layer model")
+                + f", though projections are {list(config.projections)}; the checkpoint was edited or made for "
+                "another model, re-run calibration"
+            )
+    sparsity = config.module_sparsity.values()
+    if any(not 0 <= s <= 1 for s in sparsity) or not min(sparsity) - 1e-6 <= config.achieved_sparsity <= max(
+            sparsity) + 1e-6:
+        raise CheckpointError(
+            f"{config_file}: achieved_sparsity {config.achieved_sparsity} is not a weighted mean of "
+            f"module_sparsity (range {min(sparsity)}..{max(sparsity)}, each in [0, 1]); the config was edited, "
+            "re-run calibration"
+        )
     if set(thresholds) != set(config.thresholds):
         missing = sorted(set(config.thresholds) - set(thresholds))
         extra = sorted(set(thresholds) - set(config.thresholds))
         raise CheckpointError(
-            f"{path}: thresholds do not match {CONFIG_FILE} (missing tensors: {missing[:5]}, "
+            f"{tensors_file}: thresholds do not match {CONFIG_FILE} (missing tensors: {missing[:5]}, "
             f"not in config: {extra[:5]}); the checkpoint was edited or half-written, re-run calibration"
         )
     for module, t in thresholds.items():
         name = module + THRESHOLD_SUFFIX
-        if t.dim() != 0 or not t.dtype.is_floating_point:
-            raise CheckpointError(f"{path}: tensor {name} must be a 0-d float, got {t.dtype} {list(t.shape)}")
+        if t.dim() != 0 or t.dtype != torch.float32:
+            raise CheckpointError(f"{tensors_file}: tensor {name} must be a 0-d float32 tensor (the format's), "
+                                  f"got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; re-run calibration")
         value = float(t)
         if not math.isfinite(value) or value < 0:
-            raise CheckpointError(f"{path}: tensor {name} is {value}; thresholds must be finite and >= 0")
+            raise CheckpointError(f"{tensors_file}: tensor {name} is {value}; thresholds must be finite and >= 0")
         if not math.isclose(value, config.thresholds[module], rel_tol=1e-6, abs_tol=1e-12):
             raise CheckpointError(
-                f"{path}: tensor {name} = {value} disagrees with {CONFIG_FILE} ({config.thresholds[module]})"
+                f"{tensors_file}: tensor {name} = {value} disagrees with {CONFIG_FILE} ({config.thresholds[module]})"
             )
     if config.method == "teal" and biases:
-        raise CheckpointError(f"{path}: method 'teal' but the file holds {len(biases)} {BIAS_SUFFIX} tensors")
+        raise CheckpointError(f"{tensors_file}: method 'teal' (in {CONFIG_FILE}) but the file holds {len(biases)} "
+                              f"{BIAS_SUFFIX} tensors; re-run calibration")
+    if config.method == "spon" and set(biases) != set(thresholds):
+        missing = sorted(set(thresholds) - set(biases)) or sorted(set(biases) - set(thresholds))
+        raise CheckpointError(
+            f"{tensors_file}: tensor {missing[0]}{BIAS_SUFFIX} is "
+            f"{'missing' if missing[0] in thresholds else 'there but belongs to no sparsified module'} (method "
+            f"'spon' has one fused bias for every sparsified module); the checkpoint is incomplete, re-run calibration"
+        )
     for module, b in biases.items():
         name = module + BIAS_SUFFIX
-        if module not in thresholds:
-            raise CheckpointError(f"{path}: tensor {name} belongs to no sparsified module")
-        if b.dim() != 1 or not b.dtype.is_floating_point:
-            raise CheckpointError(f"{path}: tensor {name} must be a 1-d float vector, got {list(b.shape)}")
+        if tuple(b.shape) != (out_features[module],):
+            raise CheckpointError(
+                f"{tensors_file}: tensor {name} has shape {list(b.shape)}, but the model's {module} has "
+                f"{out_features[module]} outputs; the checkpoint was made for another model"
+            )
+        if b.dtype != torch.float32:
+            raise CheckpointError(f"{tensors_file}: tensor {name} is {str(b.dtype).removeprefix('torch.')}; the "
+                                  "format stores float32, re-run calibration")
         if not torch.isfinite(b).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
+            raise CheckpointError(f"{tensors_file}: tensor {name} holds NaN or Inf values")
 
 
-def checkpoint_tensors(
-    thresholds: dict[str, float], biases: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The flat `spon.safetensors` dictionary for the given per-module thresholds and fused biases."""
-    out = {m + THRESHOLD_SUFFIX: torch.tensor(float(t), dtype=torch.float32) for m, t in thresholds.items()}
-    out.update({m + BIAS_SUFFIX: b.detach().float().contiguous().cpu() for m, b in biases.items()})
-    return out
+def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay"], overwrite: bool) -> None:
+    """Refuse, before any heavy work, an output that would lose the user's files or cannot be written.
 
-
-@contextmanager
-def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success rename it into place, on failure delete it."""
-    final = Path(final).absolute()
-    if final.exists() and not overwrite:
-        raise CheckpointError(f"{final} already exists; choose another --output or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
+    Only a previous checkpoint is ever replaced (with `overwrite`); an output equal to, inside, linked into or
+    containing the model directory is refused; the nearest existing folder must take a new directory and
+    have room for the checkpoint.
+    """
+    out, model = Path(output).absolute().resolve(), Path(model_dir).absolute().resolve()
+    if out == model or model in out.parents or out in model.parents:
+        where = "the model directory" if out == model else "inside" if model in out.parents else "a parent of"
+        raise OutputError(
+            f"--output {output} is {where} {model_dir} (resolved: {out}); writing there could destroy the base "
+            "model, choose a separate --output"
+        )
+    if Path(output).is_symlink() or Path(output).exists():
+        if not overwrite:
+            raise OutputError(f"{output} already exists; choose another --output or pass --overwrite")
+        if Path(output).is_symlink() or not Path(output).is_dir() or not is_spon_checkpoint(output):
+            kind = "a symbolic link" if Path(output).is_symlink() else "a file" if not Path(output).is_dir() else (
+                "a directory that is not a vllm-spon checkpoint")
+            raise OutputError(f"{output} is {kind}; --overwrite replaces only a previous vllm-spon checkpoint, "
+                              "choose another --output (or move it away yourself)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"--output {output}: {parent} is a file, not a folder")
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise OutputError(f"--output {output}: cannot create a directory in {parent} ({e.strerror}); "
+                          "choose a writable --output") from None
+    need = _checkpoint_bytes(model, layout)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OutputError(f"--output {output}: the {layout} checkpoint needs about {need / 2**20:.0f} MiB but "
+                          f"{parent} has {free / 2**20:.0f} MiB free; free space or choose another --output"
+                          + (" (--layout overlay links the base weights instead of copying them)"
+                             if layout == "full" else ""))
+
+
+def _checkpoint_bytes(model_dir: Path, layout: Literal["full", "overlay"]) -> int:
+    """About what `write_checkpoint` will write: the SPON tensors, plus the base model's files if full."""
+    sizes = module_out_features(read_hf_config(model_dir), ALL_PROJECTIONS, str(model_dir))
+    spon = 4 * (sum(sizes.values()) + len(sizes)) + 2**20  # float32 biases and thresholds, config, headers
+    if layout == "overlay":
+        return spon
+    files = [p for item in model_dir.iterdir() if not item.name.startswith(".") and item.name != SPON_DIR
+             for p in ([item] if item.is_file() else item.rglob("*")) if p.is_file()]
+    return spon + sum(p.stat().st_size for p in files)
 
 
 def write_checkpoint(
@@ -313,14 +432,19 @@ def write_checkpoint(
     biases: dict[str, torch.Tensor],
     overwrite: bool = False,
 ) -> Path:
-    """Write a full or overlay checkpoint atomically: either all of it lands or nothing does."""
+    """Write a full or overlay checkpoint atomically: either all of it lands or nothing does.
+
+    What is written passes the same validation `load_checkpoint` applies, so a checkpoint that loads is the
+    only kind this writes.
+    """
     base = Path(base_model_dir).absolute()
-    tensors = checkpoint_tensors(thresholds, biases)
-    _validate_tensors(Path(output) / SPON_DIR / TENSORS_FILE, config,
-                      {k.removesuffix(THRESHOLD_SUFFIX): v for k, v in tensors.items()
-                       if k.endswith(THRESHOLD_SUFFIX)},
-                      {k.removesuffix(BIAS_SUFFIX): v for k, v in tensors.items() if k.endswith(BIAS_SUFFIX)})
-    with atomic_directory(Path(output), overwrite=overwrite) as tmp:
+    check_output(Path(output), base, config.layout, overwrite)
+    threshold_tensors = {m: torch.tensor(float(t), dtype=torch.float32) for m, t in thresholds.items()}
+    bias_tensors = {m: b.detach().float().contiguous().cpu() for m, b in biases.items()}
+    validate_contents(spon_dir(output), config, read_hf_config(base), threshold_tensors, bias_tensors)
+    tensors = {**{m + THRESHOLD_SUFFIX: t for m, t in threshold_tensors.items()},
+               **{m + BIAS_SUFFIX: b for m, b in bias_tensors.items()}}
+    with atomic_directory(Path(output), overwrite=overwrite, replaceable=is_spon_checkpoint) as tmp:
         for item in sorted(base.iterdir()):
             if item.name == SPON_DIR or item.name.startswith("."):
                 continue
@@ -341,14 +465,33 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def hf_config_identity(model_dir: str | os.PathLike) -> tuple[str, dict[str, int]]:
-    """(architecture, shape fields) read from a Hugging Face `config.json`."""
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """A Hugging Face `config.json` as a dict; a missing or unreadable one is named."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} is not a Hugging Face model directory: {path} does not exist")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return cfg
+
+
+def hf_config_identity(model_dir: str | os.PathLike) -> tuple[str, dict[str, int]]:
+    """(architecture, shape fields) of a Hugging Face model directory; refuses unsupported architectures."""
+    cfg = read_hf_config(model_dir)
     archs = cfg.get("architectures") or ["?"]
-    shape = {k: int(cfg[k]) for k in SHAPE_FIELDS if k in cfg}
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{Path(model_dir) / 'config.json'}: architecture {archs[0]} is not supported; vllm-spon supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        shape = {k: int(cfg[k]) for k in SHAPE_FIELDS if k in cfg}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(model_dir) / 'config.json'}: a shape field is not an integer ({e})") from None
     if "num_key_value_heads" not in shape and "num_attention_heads" in shape:
         shape["num_key_value_heads"] = shape["num_attention_heads"]
     return archs[0], shape
@@ -364,14 +507,18 @@ def probe_sha256(model_dir: str | os.PathLike, tensor_name: str = PROBE_TENSOR) 
             "(never pickles): convert the model with `save_pretrained(..., safe_serialization=True)`"
         )
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            if tensor_name in f.keys():  # noqa: SIM118
-                values = f.get_tensor(tensor_name).to(torch.float32).contiguous()
-                return hashlib.sha256(values.numpy().tobytes()).hexdigest()
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if tensor_name in f.keys():  # noqa: SIM118
+                    values = f.get_tensor(tensor_name).to(torch.float32).contiguous()
+                    return hashlib.sha256(values.numpy().tobytes()).hexdigest()
+        except Exception as e:  # safetensors' own error types, OSError
+            raise CheckpointError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e})") from None
     raise CheckpointError(f"{model_dir}: no safetensors file holds {tensor_name}")
 
 
 def base_model_ref(model_dir: str | os.PathLike) -> BaseModelRef:
+    """The identity of a supported base model (checks its config and weights files before any heavy work)."""
     arch, shape = hf_config_identity(model_dir)
     return BaseModelRef(
         path=str(Path(model_dir).resolve()), architecture=arch, shape=shape, probe_sha256=probe_sha256(model_dir)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from vllm_spon.calibration.checkpoint import load_checkpoint, read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
+from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
 
 
@@ -43,17 +44,18 @@ class EvalArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    checkpoint: Path
-    data: str = DEFAULT_EVAL_DATA
-    windows: int = Field(default=32, ge=1)
-    window: int = Field(default=512, ge=16)
-    device: str = "auto"
+    checkpoint: Path = Field(description="SPON checkpoint directory")
+    data: str = Field(default=DEFAULT_EVAL_DATA,
+                      description="evaluation text: path, builtin:NAME, python-docs or hf:NAME[:CONFIG[:SPLIT]]")
+    windows: int = Field(default=32, ge=1, description="evaluation windows")
+    window: int = Field(default=512, ge=16, description="tokens per evaluation window")
+    device: Device = Field(default="auto", description="auto (a GPU if any), cpu, cuda or cuda:N")
 
 
 def evaluate(args: EvalArgs) -> dict:
     """Dense, TEAL and SPON perplexity of a checkpoint on the same windows, plus achieved sparsity."""
     checkpoint = load_checkpoint(args.checkpoint)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     windows = token_windows(load_tokenizer(args.checkpoint), load_text(args.data), args.window, args.windows,
                             source=f"--data {args.data}")
     sparse = SparseModel(load_hf_model(args.checkpoint, device=device), checkpoint.config.projections)
@@ -70,8 +72,12 @@ def evaluate(args: EvalArgs) -> dict:
         "data": args.data,
         "windows": args.windows,
         "window": args.window,
+        # Measured here, on these windows; `inspect` and the plot show the calibration-time numbers.
+        "measured_on": f"{args.windows} x {args.window} tokens of {args.data}",
+        "teal_thresholds": "the checkpoint's own (refitted with the SPON biases), without the biases",
         "target_sparsity": checkpoint.config.target_sparsity,
-        "achieved_sparsity": round(spon_sparsity, 4),
+        "calibration_achieved_sparsity": checkpoint.config.achieved_sparsity,
+        "spon_sparsity": round(spon_sparsity, 4),
         "teal_sparsity": round(teal_sparsity, 4),
         "dense_ppl": round(dense, 3),
         "teal_ppl": round(teal, 3),
@@ -99,10 +105,11 @@ def plot_checkpoint(checkpoint_dir: Path, output: Path) -> Path:
     ax_s.set(xlabel="layer", ylabel="input sparsity (calibration tokens)", title="per-layer sparsity")
     ax_s.axhline(config.target_sparsity, color="grey", linestyle="--", linewidth=1)
     ax_t.legend(fontsize=8)
-    title = f"{config.method.upper()} target {config.target_sparsity:.2f}, achieved {config.achieved_sparsity:.3f}"
+    title = (f"{config.method.upper()} target {config.target_sparsity:.2f}, "
+             f"achieved {config.achieved_sparsity:.3f} on calibration tokens")
     if config.perplexity:
         p = config.perplexity
-        title += f" | ppl dense {p.dense:.1f} / TEAL {p.teal:.1f} / SPON {p.spon:.1f}"
+        title += f"\nheld-out ppl at calibration: dense {p.dense:.1f} / TEAL {p.teal:.1f} / SPON {p.spon:.1f}"
     fig.suptitle(title)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """`vllm-spon calibrate`: the offline calibration pipeline, as a list of clear steps.
 
-    1. load the model and the calibration text (validated arguments, clear errors, nothing written yet)
+    1. check the arguments, the model and the output (writable, room, nothing of the user's at risk), then
+       load the model and the calibration text (clear errors, nothing written yet)
     2. allocate per-module sparsity (uniform, or TEAL's greedy per-block allocation)
     3. fit thresholds (TEAL statistics, refitted on the sparse model's own activations)
     4. train SPON vectors by KL distillation against the dense model, fuse them into biases,
        and refit thresholds with the biases in place so the achieved sparsity stays on target
     5. measure achieved sparsity and held-out perplexity (dense / TEAL / SPON on the same windows)
-    6. write the checkpoint atomically
+    6. refuse a SPON result clearly worse than TEAL on held-out text, else write the checkpoint atomically
 """
 
 import logging
@@ -26,6 +27,7 @@ from vllm_spon.calibration.checkpoint import (
     Projections,
     SponConfig,
     base_model_ref,
+    check_output,
     now_iso,
     write_checkpoint,
 )
@@ -36,42 +38,59 @@ from vllm_spon.calibration.data import (
     load_text,
     token_windows,
 )
+from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
-from vllm_spon.calibration.spon_training import TrainConfig, train_spon
+from vllm_spon.calibration.spon_training import TrainConfig, TrainingError, train_spon
 from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
 
 logger = logging.getLogger("vllm_spon.calibration")
 
 
+# SPON is refused when its held-out perplexity exceeds TEAL's by more than this factor: training made the
+# sparse model clearly worse than no training at all (a 25% run, the worst measured, is 1.8% worse).
+HELD_OUT_TOLERANCE = 1.10
+
+
 class CalibrationArgs(BaseModel):
-    """Everything `calibrate` needs; validated before any work starts."""
+    """Everything `calibrate` needs; validated before any work starts. Field descriptions and defaults are
+    the CLI's help text (vllm_spon/cli.py builds the options from them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Path
-    output: Path
+    model: Path = Field(description="Hugging Face model directory (safetensors) of a Llama-style model")
+    output: Path = Field(description="checkpoint directory to write (never inside or around the model directory)")
     sparsity: float = Field(description="target fraction of linear inputs zeroed, in (0, 1)")
-    data: str = DEFAULT_CALIBRATION_DATA
-    method: Literal["spon", "teal"] = "spon"
-    allocation: Literal["uniform", "greedy"] = "uniform"
-    threshold_stats: Literal["dense", "sequential"] = "sequential"
-    projections: Projections = ALL_PROJECTIONS
+    data: str = Field(default=DEFAULT_CALIBRATION_DATA,
+                      description="calibration text: path, builtin:NAME, python-docs or hf:NAME[:CONFIG[:SPLIT]]")
+    method: Literal["spon", "teal"] = Field(default="spon",
+                                            description="spon: thresholds + trained biases; teal: thresholds only")
+    allocation: Literal["uniform", "greedy"] = Field(
+        default="uniform", description="per-module sparsity: the same everywhere, or TEAL's greedy per-block search")
+    threshold_stats: Literal["dense", "sequential"] = Field(
+        default="sequential", description="fit thresholds on dense activations, or refit on the sparse model's own")
+    projections: Projections = Field(default=ALL_PROJECTIONS,
+                                     description="comma-separated projections of every block to sparsify")
     num_tokens: int = Field(default=8192, gt=0, description="tokens for threshold statistics")
-    window: int = Field(default=256, ge=16)
-    steps: int = Field(default=100, ge=0)
-    lr: float = Field(default=1e-3, gt=0)
-    windows_per_step: int = Field(default=2, gt=0)
+    window: int = Field(default=256, ge=16, description="tokens per calibration and training window")
+    steps: int = Field(default=100, ge=0, description="SPON training steps")
+    lr: float = Field(default=1e-3, gt=0, description="SPON training learning rate (Adam)")
+    windows_per_step: int = Field(default=2, gt=0, description="windows per SPON training step")
     # Output space measured better on the example model (54% vs 44% of the gap at 50%, README).
-    bias_space: Literal["input", "output"] = "output"
-    train_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    layout: Literal["full", "overlay"] = "full"
-    eval_data: str | None = DEFAULT_EVAL_DATA
-    eval_windows: int = Field(default=8, ge=1)
-    eval_window: int = Field(default=512, ge=16)
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
+    bias_space: Literal["input", "output"] = Field(
+        default="output", description="where SPON vectors train before fusion into the bias")
+    train_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="training precision; auto: bf16 autocast where the hardware has fast bf16")
+    layout: Literal["full", "overlay"] = Field(
+        default="full", description="full: copy the base model; overlay: spon/ plus links to the base model's files")
+    eval_data: str | None = Field(default=DEFAULT_EVAL_DATA,
+                                  description="held-out text for the perplexity check recorded in the checkpoint")
+    eval_windows: int = Field(default=8, ge=1, description="held-out windows")
+    eval_window: int = Field(default=512, ge=16, description="tokens per held-out window")
+    seed: int = Field(default=0, description="seed for statistics sampling and training order")
+    device: Device = Field(default="auto", description="auto (a GPU if any), cpu, cuda or cuda:N")
+    overwrite: bool = Field(default=False, description="replace a previous vllm-spon checkpoint at --output "
+                                                        "(nothing else is ever replaced)")
 
     @field_validator("sparsity")
     @classmethod
@@ -80,16 +99,11 @@ class CalibrationArgs(BaseModel):
             raise ValueError(f"--sparsity must be strictly between 0 and 1 (a fraction, e.g. 0.5), got {v}")
         return v
 
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
     def resolved_precision(self) -> Literal["fp32", "bf16"]:
         """bf16 autocast where the hardware has fast bf16 (GPUs, CPUs with AVX512-BF16 or AMX)."""
         if self.train_precision != "auto":
             return self.train_precision
-        return "bf16" if self.resolved_device() != "cpu" or cpu_has_fast_bf16() else "fp32"
+        return "bf16" if resolve_device(self.device) != "cpu" or cpu_has_fast_bf16() else "fp32"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -100,13 +114,22 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_held_out(report: PerplexityReport, lr: float, steps: int) -> None:
+    """Refuse a SPON result clearly worse than TEAL on held-out text: training hurt, nothing is written."""
+    if report.spon > report.teal * HELD_OUT_TOLERANCE:
+        raise TrainingError(
+            f"SPON made held-out perplexity worse than TEAL ({report.spon:.4g} against {report.teal:.4g} on "
+            f"{report.data}); lower --lr (now {lr:g}) or raise --steps (now {steps}), or use --method teal. "
+            "Nothing was written."
+        )
+
+
 def calibrate(args: CalibrationArgs) -> Path:
     """Run the pipeline and write the checkpoint at `args.output`; returns its path."""
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; choose another --output or pass --overwrite")
     base = base_model_ref(args.model)  # also checks the model directory before any heavy work
+    check_output(args.output, args.model, args.layout, args.overwrite)
     tokenizer = load_tokenizer(args.model)
     # Training samples windows from the whole text; statistics use the first `num_tokens` of it.
     train_windows = token_windows(tokenizer, load_text(args.data), args.window, None, source=f"--data {args.data}")
@@ -120,7 +143,7 @@ def calibrate(args: CalibrationArgs) -> Path:
     stats_windows = train_windows[:num_windows]
     eval_windows = (token_windows(tokenizer, load_text(args.eval_data), args.eval_window, args.eval_windows,
                                   source=f"--eval-data {args.eval_data}") if args.eval_data else None)
-    sparse = SparseModel(load_hf_model(args.model, device=args.resolved_device()), args.projections)
+    sparse = SparseModel(load_hf_model(args.model, device=resolve_device(args.device)), args.projections)
 
     if args.allocation == "greedy":
         module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, log=logger.info)
@@ -156,6 +179,8 @@ def calibrate(args: CalibrationArgs) -> Path:
         )
         logger.info(f"held-out perplexity ({args.eval_data}): dense {dense_ppl:.2f}, TEAL {teal_ppl:.2f} "
                     f"(sparsity {teal_sparsity:.3f}), {mode.upper()} {spon_ppl:.2f} (sparsity {spon_sparsity:.3f})")
+        if args.method == "spon":
+            check_held_out(report, args.lr, args.steps)
 
     config = SponConfig(
         format_version=FORMAT_VERSION,

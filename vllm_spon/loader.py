@@ -3,8 +3,9 @@ sparsified linear layer.
 
 Order of work (the same on vLLM 0.26 and 0.32, which differ in how `load_model` builds the model, so this
 loader hooks only `load_model` and `load_weights`, which both have with the same signatures):
-1. `load_model`: read and validate the checkpoint, put its identity into the compile-cache key, then let
-   vLLM's `BaseModelLoader.load_model` build the model and call `load_weights`.
+1. `load_model`: read and validate the checkpoint (`load_checkpoint`, as `inspect` does), put its identity
+   into the compile-cache key, then let vLLM's `BaseModelLoader.load_model` build the model and call
+   `load_weights`.
 2. `load_weights`: wrap each sparsified layer's linear method and register its SPON parameters (before any
    weight arrives, so online quantization counts them), load the SPON tensors and the base weights.
 3. back in `load_model`, after vLLM processed the weights: check every SPON parameter was loaded, finalize
@@ -16,7 +17,6 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from vllm_spon.calibration.checkpoint import (
     TENSORS_FILE,
     CheckpointError,
     SponCheckpoint,
-    check_base_model,
     load_checkpoint,
     spon_dir,
 )
@@ -45,25 +44,6 @@ LOAD_FORMAT = "spon"
 BASE_LOAD_FORMAT_KEY = "base_load_format"
 # vllm_config.additional_config key holding the checkpoint's identity (hashed into the compile cache key).
 COMPILE_KEY = "spon_checkpoint"
-
-
-def open_checkpoint(model_dir: str | os.PathLike, check_weights: bool) -> SponCheckpoint:
-    """Load and validate the checkpoint at `model_dir` against the model files found there.
-
-    `check_weights=False` skips the probe-weight comparison, for base weights that are not read from disk
-    (vLLM's dummy weights); architecture and shapes are still checked.
-    """
-    checkpoint = load_checkpoint(model_dir)
-    if checkpoint.config.layout == "overlay":
-        for link in sorted(Path(model_dir).iterdir()):
-            if link.is_symlink() and not link.exists():
-                raise CheckpointError(
-                    f"{link} points to {os.readlink(link)}, which does not exist: the overlay's base model "
-                    f"({checkpoint.config.base_model.path}) moved or was deleted; restore it or re-create "
-                    "the overlay"
-                )
-    check_base_model(checkpoint.config, model_dir, check_weights=check_weights)
-    return checkpoint
 
 
 def checkpoint_identity(model_dir: str | os.PathLike) -> str:
@@ -114,9 +94,8 @@ class SponModelLoader(BaseModelLoader):
 
     def checkpoint(self, model_config: ModelConfig) -> SponCheckpoint:
         if self._checkpoint is None:
-            self._checkpoint = open_checkpoint(
-                model_config.model, check_weights=not self.base_weights_are_dummy
-            )
+            # The validator `inspect` and `eval` use; dummy base weights are not read, so not compared.
+            self._checkpoint = load_checkpoint(model_config.model, check_weights=not self.base_weights_are_dummy)
         return self._checkpoint
 
     def download_model(self, model_config: ModelConfig) -> None:

@@ -14,7 +14,6 @@ from torch import nn
 from vllm.model_executor.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 
 from vllm_spon.calibration.checkpoint import (
-    BIAS_SUFFIX,
     THRESHOLD_SUFFIX,
     CheckpointError,
     SponCheckpoint,
@@ -66,29 +65,20 @@ def find_sites(model: nn.Module, projections: tuple[str, ...]) -> list[SponSite]
 
 
 def check_fits(checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: Path) -> None:
-    """Every sparsified module of the model has its tensors, of the right shapes, and none is left over."""
+    """The vLLM layers hold exactly the checkpoint's modules (names, shapes and dtypes were validated
+    against the model's config by `load_checkpoint`; this checks vLLM's fusing of them)."""
     if not sites:
         raise CheckpointError(
             f"{tensors_file}: this model has no linear layers named {checkpoint.config.projections}; "
             "vllm-spon supports Llama-style decoders (q/k/v/o_proj, gate/up/down_proj)"
         )
     projections = set(checkpoint.config.projections)
-    members = {m: (site, i) for site in sites for i, m in enumerate(site.members)}
-    for module, (site, _) in members.items():
+    members = {m: site for site in sites for m in site.members}
+    for module, site in members.items():
         if module.rsplit(".", 1)[-1] in projections and module not in checkpoint.thresholds:
             raise CheckpointError(
                 f"{tensors_file}: tensor {module}{THRESHOLD_SUFFIX} is missing (config.json sparsifies "
-                f"{sorted(projections)}, vLLM layer {site.name}); the checkpoint is incomplete, "
-                "re-run calibration"
-            )
-        if (
-            checkpoint.config.method == "spon"
-            and module in checkpoint.thresholds
-            and module not in checkpoint.biases
-        ):
-            raise CheckpointError(
-                f"{tensors_file}: tensor {module}{BIAS_SUFFIX} is missing (method 'spon' has a fused bias "
-                "for every sparsified module); the checkpoint is incomplete, re-run calibration"
+                f"{sorted(projections)}, vLLM layer {site.name}); the checkpoint is incomplete, re-run calibration"
             )
     unused = sorted(set(checkpoint.thresholds) - set(members))
     if unused:
@@ -96,13 +86,6 @@ def check_fits(checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: 
             f"{tensors_file}: tensor {unused[0]}{THRESHOLD_SUFFIX} ({len(unused)} in all) belongs to no "
             "linear layer of this model; the checkpoint was made for another model"
         )
-    for module, bias in checkpoint.biases.items():
-        site, i = members[module]
-        if tuple(bias.shape) != (site.out_features[i],):
-            raise CheckpointError(
-                f"{tensors_file}: tensor {module}{BIAS_SUFFIX} has shape {list(bias.shape)}, but the model's "
-                f"{module} has {site.out_features[i]} outputs; the checkpoint was made for another model"
-            )
 
 
 def site_has_bias(site: SponSite, checkpoint: SponCheckpoint) -> bool:

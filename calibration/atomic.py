@@ -1,0 +1,156 @@
+"""Output directories that appear whole or not at all, and replace only what vllm-spon itself wrote.
+
+A directory is written as a hidden temporary sibling of its final path, marked unfinished, and renamed into
+place at the end; with `overwrite`, the previous output is swapped out and deleted only after the new one is
+in place. SIGINT and SIGTERM become `Interrupted` (under `interruptible()`), so the temporary is removed on
+the way out; during the final renames they are held back, so no run ends between them. A temporary left by a
+killed run (SIGKILL, power loss) is marked unfinished, so no tool takes it for a finished output, and the
+next write to the same path deletes it once the process that made it is gone.
+"""
+
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger("vllm_spon.calibration")
+
+# In every finished output directory: lets `overwrite` tell vllm-spon's own outputs from the user's files.
+OWNER_MARKER = ".vllm-spon"
+# In a temporary directory until it is renamed into place: {"pid": ..., "host": ...} of the writer.
+UNFINISHED_MARKER = ".vllm-spon-unfinished"
+_TMP_INFIX = ".vllm-spon-tmp."
+_OLD_INFIX = ".vllm-spon-old."
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class OutputError(ValueError):
+    """An output path cannot be written without losing something the user owns, or cannot be written at all."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C so temporaries are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def written_by_vllm_spon(path: Path) -> bool:
+    """A finished output directory of vllm-spon (what `overwrite` may replace)."""
+    return path.is_dir() and not path.is_symlink() and (path / OWNER_MARKER).is_file()
+
+
+def unfinished(path: Path) -> bool:
+    """A temporary of an interrupted or running write: never a finished output."""
+    return (Path(path) / UNFINISHED_MARKER).exists()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into `Interrupted` (main thread only), restoring the previous handlers after."""
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delay SIGINT/SIGTERM until the block is done (a rename pair must not be split)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(final: Path) -> None:
+    """Delete temporaries of `final` whose writer (on this host) is gone; name any others in a warning."""
+    if not final.parent.is_dir():
+        return
+    prefix = glob.escape(f".{final.name}")
+    for item in sorted([*final.parent.glob(f"{prefix}{_TMP_INFIX}*"), *final.parent.glob(f"{prefix}{_OLD_INFIX}*")]):
+        try:
+            writer = json.loads((item / UNFINISHED_MARKER).read_text())
+        except (OSError, ValueError):
+            writer = {}
+        pid = writer.get("pid")
+        if writer.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            shutil.rmtree(item, ignore_errors=True)
+            logger.info(f"removed {item}, left by an interrupted vllm-spon run (pid {pid})")
+        else:
+            logger.warning(f"{item} looks like a temporary of another vllm-spon run writing {final}; "
+                           "delete it if no such run is going on")
+
+
+def _mark_unfinished(directory: Path) -> None:
+    (directory / UNFINISHED_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+@contextmanager
+def atomic_directory(
+    final: Path, overwrite: bool = False, replaceable: Callable[[Path], bool] = written_by_vllm_spon
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success rename it into place, on failure delete it.
+
+    An existing `final` is replaced only with `overwrite` and only if `replaceable(final)` (by default: a
+    directory vllm-spon wrote); anything else there is refused, never touched.
+    """
+    final = Path(final).absolute()
+    if final.is_symlink() or final.exists():
+        if not overwrite:
+            raise OutputError(f"{final} already exists; choose another --output or pass --overwrite")
+        if final.is_symlink() or not final.is_dir() or not replaceable(final):
+            raise OutputError(
+                f"{final} exists and is not an output of vllm-spon, so --overwrite will not replace it; "
+                "choose another --output (or move it away yourself)"
+            )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_INFIX}{os.getpid()}.", dir=final.parent))
+    try:
+        _mark_unfinished(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        yield tmp
+        (tmp / OWNER_MARKER).write_text("written by vllm-spon\n")
+        with _signals_held():
+            (tmp / UNFINISHED_MARKER).unlink()
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}{_OLD_INFIX}{os.getpid()}.", dir=final.parent))
+                os.replace(final, old)  # an empty directory is replaced by the previous output
+                os.replace(tmp, final)
+                _mark_unfinished(old)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
