@@ -3,9 +3,9 @@
 `sparse_linear` is what the vLLM plugin calls. It picks, from the number of tokens alone (so one CUDA graph
 per batch size always takes one branch), between the Triton kernels that read only the weight rows whose
 input survives (decode) and a dense matmul on the thresholded input (prefill, and batches where reading the
-union of the rows costs as much as reading them all). On the CPU, one float32 token multiplies a sparse (COO)
-input, which reads only the surviving rows. Importing this package needs neither a GPU nor Triton, and does
-not initialise CUDA.
+union of the rows costs as much as reading them all). On the CPU, every token count takes one C++ kernel
+(`cpu.py`) that reads only the kept rows and gives a token the same bits alone or in any batch. Importing this
+package needs neither a GPU nor Triton, and does not initialise CUDA.
 """
 
 import importlib.util
@@ -19,10 +19,6 @@ from .reference import sparse_linear_reference, sparsify
 __all__ = ["HAS_TRITON", "has_triton_cuda", "prepare", "sparse_linear", "sparse_linear_reference", "sparsify"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-# CPU: row skipping (sparse COO input @ dense W^T) only for one float32 token; PyTorch's COO product
-# accumulates 16-bit inputs in 16 bits, and for several tokens it re-reads rows (kernels/NOTES.md).
-CPU_ROW_SKIP_MAX_TOKENS = 1
 
 
 @cache
@@ -75,14 +71,12 @@ def sparse_linear(
             return _matmul(x, weight_t, bias)
         stacked = triton_sparse.sparsify_segments(x, thresholds)  # one pass over x for all segments
         inputs: Callable[[int], torch.Tensor] = stacked.__getitem__
+    elif x.device.type == "cpu":  # one kernel for every token count: a token's result never depends on T
+        from . import cpu
+
+        return cpu.sparse_linear(x, weight_t, thresholds, segment_ends, bias)
     else:
         inputs = (lambda _: x) if presparsified else (lambda i: sparsify(x, thresholds[i]))
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= CPU_ROW_SKIP_MAX_TOKENS:
-            if one_input:  # one sparse product over all segments: one pass over x, one over the kept rows
-                return _skip_rows(inputs(0), weight_t, bias)
-            y = torch.cat([_skip_rows(inputs(i), weight_t[:, s:e], None)
-                           for i, (s, e) in enumerate(_segments(segment_ends))], dim=1)
-            return y if bias is None else y.add_(bias)
     if one_input:
         return _matmul(inputs(0), weight_t, bias)
     return _dense_segments(x, weight_t, segment_ends, bias, inputs)
@@ -118,10 +112,4 @@ def _dense_segments(
     y = x.new_empty((x.shape[0], weight_t.shape[1]))
     for i, (s, e) in enumerate(_segments(segment_ends)):
         torch.mm(inputs(i), weight_t[:, s:e], out=y[:, s:e])
-    return y if bias is None else y.add_(bias)
-
-
-def _skip_rows(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """CPU decode: a COO input times W^T reads only the rows of the surviving (nonzero) inputs."""
-    y = torch.sparse.mm(xs.to_sparse(), weight_t)
     return y if bias is None else y.add_(bias)

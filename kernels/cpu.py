@@ -1,0 +1,50 @@
+"""The CPU path of the sparse linear: one C++ kernel for every token count, fp32, bf16 and fp16 inputs.
+
+`kernels/csrc/sparse_linear_cpu.cpp` computes each output as one float32 FMA chain over the token's kept inputs
+in increasing order, plus the bias. A dropped input adds nothing to the chain, so a token's result is bitwise the
+same alone or inside any batch: vLLM batches decode and chunked-prefill tokens of different requests together,
+and a result that depended on the batch (a COO product for one token, a dense matmul for more) changed greedy
+answers with server load (issue 10). One token reads only the weight rows it keeps; a tile of tokens reads each
+row any of them keeps once (kernels/NOTES.md, "CPU path").
+
+The kernel is compiled on first use by `torch.utils.cpp_extension.load` into torch's extension cache (under its
+file lock, rebuilt when the source or torch changes); `scripts/setup.sh` compiles it on CPU machines so that
+no server start pays for it. If it cannot be built, the error is raised: there is no other CPU path, since one
+with a different summation order would give different answers.
+"""
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear_cpu.cpp"
+EXTENSION = "vllm_spon_cpu_kernels"
+
+
+@cache
+def load_extension() -> None:
+    """Build (once per source and torch version) and load the kernel: registers `torch.ops.spon_cpu`."""
+    from torch.utils.cpp_extension import load
+
+    load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+         is_python_module=False)
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    segment_ends: Sequence[int],
+    bias: torch.Tensor | None = None,
+    vectorized: bool | None = None,
+) -> torch.Tensor:
+    """`y[:, seg_i] = bias[seg_i] + S_{t_i}(x) @ weight_t[:, seg_i]` on CPU tensors, float32 sums, x's dtype.
+
+    x `[T, in]` contiguous; weight_t `[in, out]` contiguous in x's dtype; thresholds float32 `[n_seg]` (zeros
+    for an already thresholded x). vectorized: None picks AVX-512 where the CPU has it; False forces the
+    portable loop, which gives the same bits (the tests compare them).
+    """
+    load_extension()
+    return torch.ops.spon_cpu.sparse_linear(x, weight_t, thresholds, list(segment_ends), bias, vectorized)
