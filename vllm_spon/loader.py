@@ -35,7 +35,7 @@ from vllm_spon.calibration.checkpoint import (
     spon_dir,
 )
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM, SponLinearMethod, install_spon_method
-from vllm_spon.sites import SponSite, check_fits, find_sites, site_has_bias, spon_tensors
+from vllm_spon.sites import SponSite, check_fits, find_sites, on_other_ranks, site_has_bias, spon_tensors
 
 logger = logging.getLogger("vllm.spon")
 
@@ -127,7 +127,7 @@ class SponModelLoader(BaseModelLoader):
 def _install(model: nn.Module, checkpoint: SponCheckpoint, model_dir: str) -> list[SponSite]:
     """The model's SPON sites, checked against the checkpoint, each with the SPON method installed once."""
     sites = find_sites(model, checkpoint.config.projections)
-    check_fits(checkpoint, sites, spon_dir(model_dir) / TENSORS_FILE)
+    check_fits(checkpoint, sites, spon_dir(model_dir) / TENSORS_FILE, on_other_ranks(model))
     for site in sites:
         if not isinstance(site.layer.quant_method, SponLinearMethod):
             install_spon_method(site.layer, site_has_bias(site, checkpoint), _layer_device(site.layer))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from vllm.model_executor.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from vllm.model_executor.models.utils import PPMissingLayer
 
 from vllm_spon.calibration.checkpoint import (
     THRESHOLD_SUFFIX,
@@ -64,9 +65,18 @@ def find_sites(model: nn.Module, projections: tuple[str, ...]) -> list[SponSite]
     return sites
 
 
-def check_fits(checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: Path) -> None:
-    """The vLLM layers hold exactly the checkpoint's modules (names, shapes and dtypes were validated
-    against the model's config by `load_checkpoint`; this checks vLLM's fusing of them)."""
+def on_other_ranks(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the decoder layers that pipeline parallelism placed on other ranks (vLLM keeps a
+    `PPMissingLayer` in their place): their modules are loaded there, not here."""
+    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, PPMissingLayer))
+
+
+def check_fits(
+    checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: Path, elsewhere: tuple[str, ...] = ()
+) -> None:
+    """The vLLM layers of this rank hold exactly the checkpoint's modules, less those of the layers
+    `elsewhere` (names, shapes and dtypes were validated against the model's config by `load_checkpoint`;
+    this checks vLLM's fusing of them)."""
     if not sites:
         raise CheckpointError(
             f"{tensors_file}: this model has no linear layers named {checkpoint.config.projections}; "
@@ -80,7 +90,7 @@ def check_fits(checkpoint: SponCheckpoint, sites: list[SponSite], tensors_file: 
                 f"{tensors_file}: tensor {module}{THRESHOLD_SUFFIX} is missing (config.json sparsifies "
                 f"{sorted(projections)}, vLLM layer {site.name}); the checkpoint is incomplete, re-run calibration"
             )
-    unused = sorted(set(checkpoint.thresholds) - set(members))
+    unused = sorted(m for m in set(checkpoint.thresholds) - set(members) if not m.startswith(elsewhere))
     if unused:
         raise CheckpointError(
             f"{tensors_file}: tensor {unused[0]}{THRESHOLD_SUFFIX} ({len(unused)} in all) belongs to no "

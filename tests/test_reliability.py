@@ -1,0 +1,347 @@
+"""Issue 10: nothing the user owns is lost, runs that go wrong write nothing, and every bad input or bad
+checkpoint is refused by every tool with the same one line (no traceback). Tiny random Llama, seconds each."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from vllm_spon import __version__
+from vllm_spon.calibration.checkpoint import (
+    CheckpointError,
+    PerplexityReport,
+    is_spon_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+)
+from vllm_spon.calibration.sparse_model import sparsifiable_linears
+from vllm_spon.calibration.spon_training import TrainingError
+from vllm_spon.cli import build_parser, main
+
+TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
+               "--eval-window", "32"]
+MODULE = "model.layers.1.mlp.down_proj"
+# A subprocess that sends itself SIG when FUNCTION of vllm_spon.calibration.MODULE is called, then runs the CLI.
+SIGNAL_AT = """
+import os, signal, sys
+import vllm_spon.calibration.{module} as target
+original = target.{function}
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.{signal})
+    return original(*args, **kwargs)
+target.{function} = signalled
+from vllm_spon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir, tmp_path_factory) -> Path:
+    """`tiny_llama_dir`'s architecture with 256 ids and a byte-level tokenizer: calibrate and eval run on it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.vocab_size = 256
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def model_copy(tiny_model, tmp_path) -> Path:
+    """A copy of the tiny model the test may put at risk."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    """`vllm-spon ARGS` in this process: (exit code, its error line: the last of stderr, asserted to be one)."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars end lines with carriage returns
+    assert "Traceback" not in err
+    if "\nvllm-spon " not in "\n" + err:
+        return code, ""
+    line = err[("\n" + err).rindex("\nvllm-spon "):]
+    assert "\n" not in line.strip(), f"more than one line: {line}"
+    return code, line.strip()
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """Every entry under `directory` (links as their target) and the sha256 of every file's bytes."""
+    return {str(p.relative_to(directory)): (f"-> {os.readlink(p)}" if p.is_symlink() else
+                                            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(directory.rglob("*"))}
+
+
+def tiny_tensors(model: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One threshold and a small bias for every linear `model` has (sizes from the model itself)."""
+    linears = sparsifiable_linears(AutoModelForCausalLM.from_pretrained(model))
+    return dict.fromkeys(linears, 0.05), {m: torch.full((linear.out_features,), 0.01) for m, linear in linears.items()}
+
+
+def tiny_checkpoint(model: Path, output: Path, layout: str = "full") -> Path:
+    return make_checkpoint(model, output, *tiny_tensors(model), layout=layout)
+
+
+# --- nothing the user owns is lost ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["the model", "inside the model", "a parent of the model", "a link to the model",
+                                   "inside a link to the model"])
+def test_output_at_or_around_the_model_is_refused_and_the_model_kept(capsys, model_copy, tmp_path, where):
+    (tmp_path / "link").symlink_to(model_copy)
+    output = {"the model": model_copy, "inside the model": model_copy / "spon-out", "a parent of the model": tmp_path,
+              "a link to the model": tmp_path / "link", "inside a link to the model": tmp_path / "link" / "out"}[where]
+    before = digest(tmp_path)
+    code, line = run(capsys, "calibrate", model_copy, "--layout", "overlay", "--output", output, "--overwrite",
+                     "--no-eval", *TINY_BUDGET)
+    assert code == 1 and "could destroy the base model" in line
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing", ["file", "folder", "link to a checkpoint"])
+def test_overwrite_replaces_only_a_previous_checkpoint(capsys, tiny_model, tmp_path, existing):
+    output = tmp_path / "out"
+    if existing == "file":
+        output.write_text("the user's notes")
+    elif existing == "folder":
+        output.mkdir()
+        (output / "notes.txt").write_text("the user's notes")
+    else:
+        output.symlink_to(tiny_checkpoint(tiny_model, tmp_path / "checkpoint"))
+    before = digest(tmp_path)
+    code, line = run(capsys, "calibrate", tiny_model, "--output", output, "--overwrite", "--no-eval", *TINY_BUDGET)
+    assert code == 1 and "--overwrite replaces only a previous vllm-spon checkpoint" in line
+    assert digest(tmp_path) == before
+
+
+def test_overwrite_replaces_a_previous_checkpoint_and_leaves_nothing_else(capsys, tiny_model, tmp_path):
+    output = tiny_checkpoint(tiny_model, tmp_path / "out")
+    code, _ = run(capsys, "calibrate", tiny_model, "--output", output, "--overwrite", "--no-eval", *TINY_BUDGET)
+    assert code == 0 and load_checkpoint(output).config.calibration.data != "hand-made"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture()
+def no_heavy_work(monkeypatch):
+    """Calibration's first heavy step fails the test: a refusal must come before it."""
+    def heavy(*_args, **_kwargs):
+        raise AssertionError("calibration started work before the output was checked")
+
+    monkeypatch.setattr("vllm_spon.calibration.pipeline.load_tokenizer", heavy)
+
+
+def test_unwritable_output_is_refused_before_any_work(capsys, tiny_model, tmp_path, no_heavy_work):
+    if os.geteuid() == 0:
+        output = Path("/proc/vllm-spon-out/checkpoint")  # not even root may create folders here
+    else:
+        (tmp_path / "read-only").mkdir(mode=0o500)
+        output = tmp_path / "read-only" / "checkpoint"
+    code, line = run(capsys, "calibrate", tiny_model, "--output", output, *TINY_BUDGET)
+    assert code == 1 and "cannot create a directory in" in line and "choose a writable --output" in line
+
+
+def test_no_room_for_the_checkpoint_is_refused_before_any_work(capsys, tiny_model, tmp_path, monkeypatch,
+                                                               no_heavy_work):
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**30, 2**30, 0))
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", *TINY_BUDGET)
+    assert code == 1 and "MiB free" in line and "--layout overlay" in line
+
+
+def test_sigterm_during_the_write_keeps_the_previous_checkpoint_and_leaves_nothing(tiny_model, tmp_path):
+    previous = tiny_checkpoint(tiny_model, tmp_path / "out")
+    before = digest(tmp_path)
+    script = SIGNAL_AT.format(module="checkpoint", function="save_file", signal="SIGTERM")
+    result = subprocess.run([sys.executable, "-c", script, "calibrate", str(tiny_model), "--output", str(previous),
+                             "--overwrite", "--no-eval", *TINY_BUDGET], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "interrupted (SIGTERM); nothing was written" in result.stderr and "Traceback" not in result.stderr
+    assert digest(tmp_path) == before
+
+
+def test_sigterm_during_training_leaves_nothing(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "vllm_spon.cli", "calibrate", str(tiny_model), "--output",
+                                str(output), "--no-eval", *TINY_BUDGET, "--steps", "100000"],
+                               stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "SPON training" not in seen:
+        chunk = process.stderr.read(64)
+        assert chunk, f"calibrate ended before training: {seen}"
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM); nothing was written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_is_never_taken_for_a_checkpoint_and_is_cleaned_next_time(capsys, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    script = SIGNAL_AT.format(module="checkpoint", function="save_file", signal="SIGKILL")
+    result = subprocess.run([sys.executable, "-c", script, "calibrate", str(tiny_model), "--output", str(output),
+                             "--no-eval", *TINY_BUDGET], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    [stale] = list(tmp_path.iterdir())
+    assert not is_spon_checkpoint(stale)
+    code, line = run(capsys, "inspect", stale)
+    assert code == 1 and "is an unfinished write of vllm-spon" in line
+    tiny_checkpoint(tiny_model, output)
+    assert list(tmp_path.iterdir()) == [output]
+
+
+# --- runs that go wrong write nothing ------------------------------------------------------------------------
+
+def test_diverging_training_stops_with_one_line_and_writes_nothing(capsys, tiny_model, tmp_path):
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", *TINY_BUDGET, "--steps", "3",
+                     "--lr", "1e6")
+    assert code == 1 and "SPON training diverged" in line and "lower --lr (now 1e+06" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spon_clearly_worse_than_teal_on_held_out_text_is_refused():
+    from vllm_spon.calibration.pipeline import check_held_out
+
+    report = PerplexityReport(data="builtin:persuasion", num_windows=8, window=512, dense=37.0, teal=42.0,
+                              spon=316385.0, teal_sparsity=0.5, spon_sparsity=0.5)
+    with pytest.raises(TrainingError, match=r"lower --lr \(now 1e\+06\) or raise --steps \(now 100\)"):
+        check_held_out(report, lr=1e6, steps=100)
+    check_held_out(report.model_copy(update={"spon": 41.0}), lr=1e-3, steps=100)
+
+
+# --- one validator, the same line from every tool ------------------------------------------------------------
+
+def _edit_tensors(path: Path, edit) -> None:
+    file = path / "spon" / "spon.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+def _edit_config(path: Path, edit) -> None:
+    file = path / "spon" / "config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+
+
+def _drop_module(config: dict) -> None:
+    del config["thresholds"][MODULE], config["module_sparsity"][MODULE]
+
+
+BAD_CHECKPOINTS = {
+    "float16 threshold": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.threshold": t[
+        f"{MODULE}.threshold"].half()})), f"tensor {MODULE}.threshold must be a 0-d float32 tensor"),
+    "float64 bias": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+        f"{MODULE}.spon_bias"].double()})), f"tensor {MODULE}.spon_bias is float64; the format stores float32"),
+    "mis-shaped bias": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+        f"{MODULE}.spon_bias"][:-1].contiguous()})), f"tensor {MODULE}.spon_bias has shape [63], but the model's"),
+    "spon without a bias": (lambda p: _edit_tensors(p, lambda t: t.pop(f"{MODULE}.spon_bias")),
+                            f"tensor {MODULE}.spon_bias is missing"),
+    "a module left out": (lambda p: (_edit_config(p, _drop_module), _edit_tensors(p, lambda t: (t.pop(
+        f"{MODULE}.threshold"), t.pop(f"{MODULE}.spon_bias")))), f"thresholds lacks module {MODULE}"),
+    "projections claim": (lambda p: _edit_config(p, lambda c: c.update(projections=["q_proj"])),
+                          "not a q_proj module of this 2-layer model"),
+    "achieved sparsity claim": (lambda p: _edit_config(p, lambda c: c.update(achieved_sparsity=0.99)),
+                                "achieved_sparsity 0.99 is not a weighted mean of module_sparsity"),
+    "invalid JSON": (lambda p: (p / "spon" / "config.json").write_text("{"), "is not a valid SPON config"),
+    "truncated tensors": (lambda p: (p / "spon" / "spon.safetensors").write_bytes(
+        (p / "spon" / "spon.safetensors").read_bytes()[:-100]), "spon.safetensors cannot be read as safetensors"),
+    "renamed pickle": (lambda p: torch.save({"x": torch.zeros(1)}, p / "spon" / "spon.safetensors"),
+                       "spon.safetensors cannot be read as safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_inspect_and_eval_refuse_a_bad_checkpoint_with_the_same_line(capsys, tiny_model, tmp_path, case):
+    corrupt, message = BAD_CHECKPOINTS[case]
+    checkpoint = tiny_checkpoint(tiny_model, tmp_path / "bad")
+    corrupt(checkpoint)
+    code, inspect_line = run(capsys, "inspect", checkpoint)
+    assert code == 1 and message in inspect_line and str(checkpoint / "spon") in inspect_line
+    code, eval_line = run(capsys, "eval", checkpoint, "--windows", "1", "--window", "32")
+    assert code == 1 and eval_line.removeprefix("vllm-spon eval") == inspect_line.removeprefix("vllm-spon inspect")
+
+
+def test_an_overlay_whose_base_moved_is_refused_naming_the_base(capsys, model_copy, tmp_path):
+    checkpoint = tiny_checkpoint(model_copy, tmp_path / "overlay", layout="overlay")
+    shutil.move(model_copy, tmp_path / "moved")
+    for command in ("inspect", "eval"):
+        code, line = run(capsys, command, checkpoint)
+        assert code == 1 and f"the base model {model_copy} moved or was deleted" in line
+
+
+def test_calibrations_own_write_refuses_what_the_loader_would(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"tensor {MODULE}.spon_bias has shape \[3\], but the model's"):
+        thresholds, biases = tiny_tensors(tiny_model)
+        make_checkpoint(tiny_model, tmp_path / "out", thresholds, {**biases, MODULE: torch.zeros(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- bad arguments: one line, before any work ----------------------------------------------------------------
+
+def test_unsupported_architecture_is_named_with_the_supported_list(capsys, model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    code, line = run(capsys, "calibrate", model_copy, "--output", tmp_path / "out", *TINY_BUDGET)
+    assert code == 1 and "architecture GPT2LMHeadModel is not supported" in line and "LlamaForCausalLM" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(capsys, tiny_model, tmp_path):
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", "--device", "cuda", *TINY_BUDGET)
+    assert code == 2 and "--device: " in line and "no usable CUDA GPU" in line
+    code, line = run(capsys, "eval", tiny_model, "--device", "cuda")
+    assert code == 2 and "no usable CUDA GPU" in line
+
+
+@pytest.mark.parametrize("projections", ["", ",", "x_proj"])
+def test_bad_projections_are_refused(capsys, tiny_model, tmp_path, no_heavy_work, projections):
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", "--projections", projections,
+                     *TINY_BUDGET)
+    assert code == 2 and "--projections: " in line and "projections must be a non-empty subset" in line
+
+
+# --- help, version and labels --------------------------------------------------------------------------------
+
+def test_every_option_is_described_with_its_default(capsys):
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no description"
+            if action.option_strings:
+                assert "(default: " in action.help or "(required)" in action.help, (name, action.option_strings)
+    assert "(default: 100)" in subparsers["calibrate"].format_help()  # CalibrationArgs' steps
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"vllm-spon {__version__}"
+
+
+def test_eval_json_inspect_and_plot_label_their_measurements(capsys, tiny_model, tmp_path):
+    checkpoint = tiny_checkpoint(tiny_model, tmp_path / "ckpt")
+    code = main(["eval", str(checkpoint), "--windows", "1", "--window", "32", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and "achieved_sparsity" not in report  # ambiguous: calibration tokens or these windows?
+    assert report["calibration_achieved_sparsity"] == load_checkpoint(checkpoint).config.achieved_sparsity
+    assert report["measured_on"] == "1 x 32 tokens of builtin:persuasion" and 0 <= report["spon_sparsity"] <= 1
+    assert "without the biases" in report["teal_thresholds"]
+    assert main(["inspect", str(checkpoint)]) == 0
+    assert "achieved 0.500 on calibration tokens" in capsys.readouterr().out
