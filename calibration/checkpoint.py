@@ -1,8 +1,9 @@
 """The SPON checkpoint format: `spon/config.json` (validated) and `spon/spon.safetensors`.
 
 A checkpoint is a Hugging Face model directory with a `spon/` sub-folder. The *full* form holds the base
-model's files; the *overlay* form holds `spon/` plus symbolic links to the base model's top-level files, so
-a large base model is referenced, never copied, and every tool that expects a model directory still works.
+model's files; the *overlay* form holds `spon/`, symbolic links to the base model's weights and copies of
+its small top-level files (config, tokenizer), so a large base model is referenced, never copied, and every
+tool that expects a model directory still works.
 
 Tensors are named after the Hugging Face module they belong to:
   `<module>.threshold`  0-d float32, the magnitude below which the module's inputs are zeroed;
@@ -52,6 +53,8 @@ PROJECTION_SITE = {
 ALL_PROJECTIONS = tuple(PROJECTION_SITE)
 # The sub-module of a decoder block that holds each projection (`model.layers.N.<parent>.<projection>`).
 PROJECTION_PARENT = {p: "self_attn" if site.startswith("attn") else "mlp" for p, site in PROJECTION_SITE.items()}
+# An overlay copies the base model's files below this size that are not weights, and links the rest.
+OVERLAY_COPY_MAX_BYTES = 64 * 2**20
 # Architectures whose module names and shapes the format (and the vLLM plugin) know; one place to extend.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -252,8 +255,8 @@ def _check_links(checkpoint: str | os.PathLike, config: SponConfig) -> None:
         if link.is_symlink() and not link.exists():
             raise CheckpointError(
                 f"{link} points to {os.readlink(link)}, which does not exist: the base model "
-                f"{config.base_model.path} moved or was deleted; restore it there, or re-create the "
-                f"{config.layout} checkpoint from where it is now"
+                f"{config.base_model.path} recorded in {spon_dir(checkpoint) / CONFIG_FILE} moved or was deleted; "
+                f"restore it there, or re-create the {config.layout} checkpoint from where it is now"
             )
 
 
@@ -413,15 +416,25 @@ def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay
                              if layout == "full" else ""))
 
 
+def _base_files(base: Path) -> list[Path]:
+    """The base model's top-level entries a checkpoint carries (not its own `spon/`, not hidden ones)."""
+    return [item for item in sorted(base.iterdir()) if item.name != SPON_DIR and not item.name.startswith(".")]
+
+
+def _linked(item: Path) -> bool:
+    """What an overlay links rather than copies: the weights. Small files (config, tokenizer, templates) are
+    copied, so a tool that reads them first still opens an overlay whose base moved (vLLM parses config.json
+    before any loader runs) and `load_checkpoint` can name the missing base path."""
+    return item.suffix == ".safetensors" or item.stat().st_size >= OVERLAY_COPY_MAX_BYTES
+
+
 def _checkpoint_bytes(model_dir: Path, layout: Literal["full", "overlay"]) -> int:
-    """About what `write_checkpoint` will write: the SPON tensors, plus the base model's files if full."""
+    """About what `write_checkpoint` will write: the SPON tensors, plus the base model's files it copies."""
     sizes = module_out_features(read_hf_config(model_dir), ALL_PROJECTIONS, str(model_dir))
     spon = 4 * (sum(sizes.values()) + len(sizes)) + 2**20  # float32 biases and thresholds, config, headers
-    if layout == "overlay":
-        return spon
-    files = [p for item in model_dir.iterdir() if not item.name.startswith(".") and item.name != SPON_DIR
-             for p in ([item] if item.is_file() else item.rglob("*")) if p.is_file()]
-    return spon + sum(p.stat().st_size for p in files)
+    copied = [p for item in _base_files(model_dir) if layout == "full" or (item.is_file() and not _linked(item))
+              for p in ([item] if item.is_file() else item.rglob("*")) if p.is_file()]
+    return spon + sum(p.stat().st_size for p in copied)
 
 
 def write_checkpoint(
@@ -445,15 +458,12 @@ def write_checkpoint(
     tensors = {**{m + THRESHOLD_SUFFIX: t for m, t in threshold_tensors.items()},
                **{m + BIAS_SUFFIX: b for m, b in bias_tensors.items()}}
     with atomic_directory(Path(output), overwrite=overwrite, replaceable=is_spon_checkpoint) as tmp:
-        for item in sorted(base.iterdir()):
-            if item.name == SPON_DIR or item.name.startswith("."):
-                continue
-            if config.layout == "overlay":
-                if item.is_file():
-                    (tmp / item.name).symlink_to(item.resolve())
+        for item in _base_files(base):
+            if config.layout == "overlay" and item.is_file() and _linked(item):
+                (tmp / item.name).symlink_to(item.resolve())
             elif item.is_file():
                 shutil.copy2(item, tmp / item.name)
-            elif item.is_dir():
+            elif config.layout == "full" and item.is_dir():
                 shutil.copytree(item, tmp / item.name)
         (tmp / SPON_DIR).mkdir()
         save_file(tensors, str(tmp / SPON_DIR / TENSORS_FILE), metadata={"format": "spon"})

@@ -48,6 +48,8 @@ def test_overlay_links_base_files(tiny_llama_dir, tmp_path, tiny_modules):
     path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules, layout="overlay")
     link = path / "model.safetensors"
     assert link.is_symlink() and link.resolve() == (tiny_llama_dir / "model.safetensors").resolve()
+    # Small files are copied: vLLM parses config.json before the loader could say the base model moved.
+    assert (path / "config.json").is_file() and not (path / "config.json").is_symlink()
     config = read_config(path)
     assert config.layout == "overlay" and config.base_model.path == str(tiny_llama_dir.resolve())
     check_base_model(config, path)

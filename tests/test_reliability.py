@@ -281,9 +281,10 @@ def test_inspect_and_eval_refuse_a_bad_checkpoint_with_the_same_line(capsys, tin
 def test_an_overlay_whose_base_moved_is_refused_naming_the_base(capsys, model_copy, tmp_path):
     checkpoint = tiny_checkpoint(model_copy, tmp_path / "overlay", layout="overlay")
     shutil.move(model_copy, tmp_path / "moved")
+    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     for command in ("inspect", "eval"):
         code, line = run(capsys, command, checkpoint)
-        assert code == 1 and f"the base model {model_copy} moved or was deleted" in line
+        assert code == 1 and f"the base model {model_copy} recorded in {checkpoint}/spon/config.json moved" in line
 
 
 def test_calibrations_own_write_refuses_what_the_loader_would(tiny_model, tmp_path):

@@ -121,6 +121,11 @@ def _edit_tensors(path: Path, edit) -> None:
     save_file(tensors, file)
 
 
+def _relink(link: Path, target: Path) -> None:
+    link.unlink()
+    link.symlink_to(target)
+
+
 MODULE = "model.layers.15.mlp.down_proj"
 BAD_CHECKPOINTS = {
     "no spon/": (lambda p: shutil.rmtree(p / "spon"), "spon/config.json does not exist"),
@@ -135,6 +140,10 @@ BAD_CHECKPOINTS = {
         f"{MODULE}.threshold"]})), f"tensor {MODULE}.threshold is -"),
     "another base model": (lambda p: _edit_config(p, base_model__probe_sha256="0" * 64),
                            "are not those the checkpoint was calibrated on"),
+    "base weights moved": (lambda p: _relink(p / "model.safetensors", p.parent / "moved" / "model.safetensors"),
+                           "which does not exist: the base model"),
+    "float16 bias": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+        f"{MODULE}.spon_bias"].half()})), f"tensor {MODULE}.spon_bias is float16; the format stores float32"),
 }
 
 
