@@ -113,24 +113,33 @@ def _mark_unfinished(directory: Path) -> None:
     (directory / UNFINISHED_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
+def check_target(final: Path, overwrite: bool, replaceable: Callable[[Path], bool] = written_by_vllm_spon,
+                 what: str = "a previous output of vllm-spon") -> None:
+    """Refuse an existing `final` unless `overwrite` and `replaceable(final)`: a file, a link or a folder of
+    the user's is never replaced."""
+    final = Path(final)
+    if not (final.is_symlink() or final.exists()):
+        return
+    if not overwrite:
+        raise OutputError(f"{final} already exists; choose another output or pass --overwrite")
+    if final.is_symlink() or not final.is_dir() or not replaceable(final):
+        kind = ("a symbolic link" if final.is_symlink() else "a file" if not final.is_dir() else
+                f"a directory that is not {what}")
+        raise OutputError(f"{final} is {kind}; --overwrite replaces only {what}, so choose another output "
+                          "(or move it away yourself)")
+
+
 @contextmanager
 def atomic_directory(
-    final: Path, overwrite: bool = False, replaceable: Callable[[Path], bool] = written_by_vllm_spon
+    final: Path, overwrite: bool = False, replaceable: Callable[[Path], bool] = written_by_vllm_spon,
+    what: str = "a previous output of vllm-spon",
 ) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success rename it into place, on failure delete it.
 
-    An existing `final` is replaced only with `overwrite` and only if `replaceable(final)` (by default: a
-    directory vllm-spon wrote); anything else there is refused, never touched.
+    An existing `final` is replaced only with `overwrite` and only if `replaceable(final)` (`check_target`).
     """
     final = Path(final).absolute()
-    if final.is_symlink() or final.exists():
-        if not overwrite:
-            raise OutputError(f"{final} already exists; choose another --output or pass --overwrite")
-        if final.is_symlink() or not final.is_dir() or not replaceable(final):
-            raise OutputError(
-                f"{final} exists and is not an output of vllm-spon, so --overwrite will not replace it; "
-                "choose another --output (or move it away yourself)"
-            )
+    check_target(final, overwrite, replaceable, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_INFIX}{os.getpid()}.", dir=final.parent))

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_spon import __version__
-from vllm_spon.calibration.atomic import OutputError, atomic_directory, unfinished
+from vllm_spon.calibration.atomic import OutputError, atomic_directory, check_target, unfinished
 
 FORMAT_VERSION = 1
 SPON_DIR = "spon"
@@ -53,6 +53,8 @@ PROJECTION_SITE = {
 ALL_PROJECTIONS = tuple(PROJECTION_SITE)
 # The sub-module of a decoder block that holds each projection (`model.layers.N.<parent>.<projection>`).
 PROJECTION_PARENT = {p: "self_attn" if site.startswith("attn") else "mlp" for p, site in PROJECTION_SITE.items()}
+# What `--overwrite` may replace at a checkpoint's output (and nothing else).
+PREVIOUS_CHECKPOINT = "a previous vllm-spon checkpoint"
 # An overlay copies the base model's files below this size that are not weights, and links the rest.
 OVERLAY_COPY_MAX_BYTES = 64 * 2**20
 # Architectures whose module names and shapes the format (and the vLLM plugin) know; one place to extend.
@@ -264,25 +266,26 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     """(thresholds, biases) keyed by module; nothing is unpickled, and an unreadable file is named."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; re-run calibration")
-    thresholds: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            for name in names:
-                if not name.endswith((THRESHOLD_SUFFIX, BIAS_SUFFIX)):
-                    raise CheckpointError(
-                        f"{path}: unexpected tensor {name!r}; names end in {THRESHOLD_SUFFIX} or {BIAS_SUFFIX}"
-                    )
-                target = thresholds if name.endswith(THRESHOLD_SUFFIX) else biases
-                target[name.removesuffix(THRESHOLD_SUFFIX).removesuffix(BIAS_SUFFIX)] = f.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types (header, size, dtype) and OSError
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a mapping)
+    except Exception as e:  # safetensors' own error types (header, size, dtype), OSError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path} cannot be read as safetensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}): "
-            "it is truncated, corrupt or not a safetensors file (vllm-spon never unpickles); re-run calibration"
+            f"{path} cannot be read as safetensors ({reason}): it is truncated, corrupt or not a safetensors file "
+            "(vllm-spon never unpickles); re-run calibration"
         ) from None
+    thresholds: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(THRESHOLD_SUFFIX):
+            thresholds[name.removesuffix(THRESHOLD_SUFFIX)] = tensor
+        elif name.endswith(BIAS_SUFFIX):
+            biases[name.removesuffix(BIAS_SUFFIX)] = tensor
+        else:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r}; names end in {THRESHOLD_SUFFIX} or {BIAS_SUFFIX}"
+            )
     return thresholds, biases
 
 
@@ -324,13 +327,12 @@ def validate_contents(
                 + f", though projections are {list(config.projections)}; the checkpoint was edited or made for "
                 "another model, re-run calibration"
             )
-    sparsity = config.module_sparsity.values()
-    if any(not 0 <= s <= 1 for s in sparsity) or not min(sparsity) - 1e-6 <= config.achieved_sparsity <= max(
-            sparsity) + 1e-6:
+    low = min(config.module_sparsity.values(), default=0.0)
+    high = max(config.module_sparsity.values(), default=1.0)
+    if not (low >= 0 and high <= 1 and low - 1e-6 <= config.achieved_sparsity <= high + 1e-6):
         raise CheckpointError(
             f"{config_file}: achieved_sparsity {config.achieved_sparsity} is not a weighted mean of "
-            f"module_sparsity (range {min(sparsity)}..{max(sparsity)}, each in [0, 1]); the config was edited, "
-            "re-run calibration"
+            f"module_sparsity (range {low}..{high}, each in [0, 1]); the config was edited, re-run calibration"
         )
     if set(thresholds) != set(config.thresholds):
         missing = sorted(set(config.thresholds) - set(thresholds))
@@ -389,14 +391,7 @@ def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay
             f"--output {output} is {where} {model_dir} (resolved: {out}); writing there could destroy the base "
             "model, choose a separate --output"
         )
-    if Path(output).is_symlink() or Path(output).exists():
-        if not overwrite:
-            raise OutputError(f"{output} already exists; choose another --output or pass --overwrite")
-        if Path(output).is_symlink() or not Path(output).is_dir() or not is_spon_checkpoint(output):
-            kind = "a symbolic link" if Path(output).is_symlink() else "a file" if not Path(output).is_dir() else (
-                "a directory that is not a vllm-spon checkpoint")
-            raise OutputError(f"{output} is {kind}; --overwrite replaces only a previous vllm-spon checkpoint, "
-                              "choose another --output (or move it away yourself)")
+    check_target(Path(output), overwrite, is_spon_checkpoint, PREVIOUS_CHECKPOINT)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -457,7 +452,7 @@ def write_checkpoint(
     validate_contents(spon_dir(output), config, read_hf_config(base), threshold_tensors, bias_tensors)
     tensors = {**{m + THRESHOLD_SUFFIX: t for m, t in threshold_tensors.items()},
                **{m + BIAS_SUFFIX: b for m, b in bias_tensors.items()}}
-    with atomic_directory(Path(output), overwrite=overwrite, replaceable=is_spon_checkpoint) as tmp:
+    with atomic_directory(Path(output), overwrite, is_spon_checkpoint, PREVIOUS_CHECKPOINT) as tmp:
         for item in _base_files(base):
             if config.layout == "overlay" and item.is_file() and _linked(item):
                 (tmp / item.name).symlink_to(item.resolve())

@@ -137,6 +137,13 @@ def test_overwrite_replaces_a_previous_checkpoint_and_leaves_nothing_else(capsys
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_example_model_never_replaces_a_folder_of_the_users(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    code, line = run(capsys, "example-model", tmp_path, "--overwrite")
+    assert code == 1 and "replaces only a previous output of vllm-spon" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 @pytest.fixture()
 def no_heavy_work(monkeypatch):
     """Calibration's first heavy step fails the test: a refusal must come before it."""

@@ -15,7 +15,10 @@ from vllm_spon import __version__
 
 
 def _example_model(ns: argparse.Namespace) -> None:
+    from vllm_spon.calibration.atomic import check_target
     from vllm_spon.calibration.example_model import write_example_model
+
+    check_target(ns.output, ns.overwrite)  # before minutes of GGUF dequantizing, not after
 
     path = write_example_model(ns.output, overwrite=ns.overwrite)
     print(f"wrote SmolLM2-135M-Instruct (float32) to {path}")
