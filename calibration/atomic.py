@@ -3,7 +3,7 @@
 A directory is written as a hidden temporary sibling of its final path, marked unfinished, and renamed into
 place at the end; with `overwrite`, the previous output is swapped out and deleted only after the new one is
 in place. SIGINT and SIGTERM become `Interrupted` (under `interruptible()`), so the temporary is removed on
-the way out; during the final renames they are held back, so no run ends between them. A temporary left by a
+the way out; during the final renames they are deferred, so no run ends between them. A temporary left by a
 killed run (SIGKILL, power loss) is marked unfinished, so no tool takes it for a finished output, and the
 next write to the same path deletes it once the process that made it is gone.
 """
@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,9 @@ def interruptible() -> Iterator[None]:
     def raise_interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = {s: signal.signal(s, raise_interrupted) for s in _SIGNALS}
     try:
         yield
@@ -68,16 +72,24 @@ def interruptible() -> Iterator[None]:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    """Delay SIGINT/SIGTERM until the block is done (a rename pair must not be split)."""
-    if not hasattr(signal, "pthread_sigmask"):
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (a rename pair must not be split), then deliver them.
+
+    A Python handler, not a signal mask: process signals may land on any of torch's threads, but Python
+    handlers always run in the main thread, between bytecodes.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum)) for s in _SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in arrived[:1]:
+            signal.raise_signal(signum)
 
 
 def _alive(pid: int) -> bool:
@@ -150,7 +162,7 @@ def atomic_directory(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
         yield tmp
         (tmp / OWNER_MARKER).write_text("written by vllm-spon\n")
-        with _signals_held():
+        with _signals_deferred():
             (tmp / UNFINISHED_MARKER).unlink()
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}{_OLD_INFIX}{os.getpid()}.", dir=final.parent))

@@ -177,8 +177,19 @@ def test_sigterm_during_the_write_keeps_the_previous_checkpoint_and_leaves_nothi
     result = subprocess.run([sys.executable, "-c", script, "calibrate", str(tiny_model), "--output", str(previous),
                              "--overwrite", "--no-eval", *TINY_BUDGET], capture_output=True, text=True, timeout=300)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    assert "interrupted (SIGTERM); nothing was written" in result.stderr and "Traceback" not in result.stderr
+    assert "interrupted (SIGTERM); nothing half-written is left" in result.stderr and "Traceback" not in result.stderr
     assert digest(tmp_path) == before
+
+
+def test_sigterm_between_the_final_renames_waits_for_them(tiny_model, tmp_path):
+    """No stray `.old` and no missing output when the signal lands as the previous checkpoint is swapped out."""
+    previous = tiny_checkpoint(tiny_model, tmp_path / "out")
+    script = SIGNAL_AT.format(module="atomic", function="os.replace", signal="SIGTERM")
+    result = subprocess.run([sys.executable, "-c", script, "calibrate", str(tiny_model), "--output", str(previous),
+                             "--overwrite", "--no-eval", *TINY_BUDGET], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert load_checkpoint(previous).config.calibration.data == "builtin:sense-and-sensibility"  # the new one
 
 
 def test_sigterm_during_training_leaves_nothing(tiny_model, tmp_path):
@@ -194,7 +205,7 @@ def test_sigterm_during_training_leaves_nothing(tiny_model, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
-    assert "interrupted (SIGTERM); nothing was written" in err and "Traceback" not in err
+    assert "interrupted (SIGTERM); nothing half-written is left" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"error: {e}", 1)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        return fail(f"interrupted ({signal.Signals(signum).name}); nothing was written", 128 + signum)
+        return fail(f"interrupted ({signal.Signals(signum).name}); nothing half-written is left", 128 + signum)
     return 0
 
 
