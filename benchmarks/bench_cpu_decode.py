@@ -1,10 +1,11 @@
-"""Batch-1 decode on vLLM's CPU build: dense against `--load-format spon`, same engine settings, one run.
+"""Batch-1 decode and time to first token on vLLM's CPU build: dense against `--load-format spon`, one run.
 
 Both engines of a row run one after the other in this process (each shut down before the next starts), with
 the test suite's CPU settings (`tests/plugin_helpers.py`: float32, the memory fraction and KV cache that fit
 2-core machines), once eager and once with vLLM's default torch.compile. Decode is timed as on the GPU
 (`bench_gpu_e2e.decode_rate`); the prompt is held-out text (Persuasion), on which the thresholds zero about
-their calibrated fraction. Float32 matters: the CPU path skips weight rows only for one float32 token.
+their calibrated fraction. Time to first token is the median over fresh 256-token held-out prompts (no prefix
+cache hits): prefill runs the same CPU kernel as decode (kernels/cpu.py), over tiles of tokens.
 
     .venv/bin/python -m benchmarks.bench_cpu_decode --model artifacts/test-cache/smollm2 \\
         --checkpoint artifacts/test-cache/smollm2-spon50 --json benchmarks/results/cpu_decode.json
@@ -15,44 +16,60 @@ import argparse
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_gpu_e2e import DECODE_TOKENS, decode_rate
+from benchmarks.bench_gpu_e2e import DECODE_TOKENS, decode_rate, timed_generate
 from tests.plugin_helpers import ENGINE_KWARGS, engine
 from vllm_spon.calibration.checkpoint import read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
 from vllm_spon.calibration.sparse_model import load_tokenizer
 
 PROMPT_TOKENS = 32
+PREFILL_TOKENS = 256
+PREFILL_REPEATS = 5
 
 
-def held_out_prompt(model: Path) -> list[int]:
-    """32 tokens of the held-out novel, 32k tokens in: text like the calibration data, not seen by it."""
-    windows = token_windows(load_tokenizer(model), load_text(DEFAULT_EVAL_DATA), PROMPT_TOKENS, 1, offset_windows=1000)
-    return windows[0].tolist()
+def held_out_prompts(model: Path, tokens: int, count: int) -> list[list[int]]:
+    """`count` windows of `tokens` tokens of the held-out novel, 32k tokens in: text like the calibration data,
+    not seen by it."""
+    offset = 32_000 // tokens
+    windows = token_windows(load_tokenizer(model), load_text(DEFAULT_EVAL_DATA), tokens, count, offset_windows=offset)
+    return windows.tolist()
+
+
+def ttft_ms(llm, prompts: list[list[int]]) -> float:
+    """Median time to first token of prompts sent one at a time, after one warm-up prompt."""
+    timed_generate(llm, prompts[:1], 1)
+    return statistics.median(timed_generate(llm, [p], 1) * 1e3 for p in prompts[1:])
 
 
 def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dict:
     """Dense and SPON batch-1 decode tokens/s, eager and compiled, with the checkpoint's sparsity."""
     from vllm import __version__ as vllm_version
 
-    prompt = held_out_prompt(model)
+    prompt = held_out_prompts(model, PROMPT_TOKENS, 1)[0]
+    long_prompts = held_out_prompts(model, PREFILL_TOKENS, 1 + PREFILL_REPEATS)
     config = read_config(checkpoint)
     rows = []
     for mode, eager in (("eager", True), ("compiled", False)):
-        rates = {}
+        rates, ttft = {}, {}
         for name, path, load_format in (("dense", model, "auto"), ("spon", checkpoint, "spon")):
             with engine(str(path), load_format=load_format, enforce_eager=eager) as llm:
                 rates[name] = decode_rate(llm, [prompt], new_tokens, repeats)
-            print(f"{mode} {name}: {rates[name]:.1f} tok/s", flush=True)
+                ttft[name] = ttft_ms(llm, long_prompts)
+            print(f"{mode} {name}: {rates[name]:.1f} tok/s, TTFT {ttft[name]:.0f} ms", flush=True)
         rows.append(
             {
                 "mode": mode,
                 "dense_tok_s": rates["dense"],
                 "spon_tok_s": rates["spon"],
                 "ratio": rates["spon"] / rates["dense"],
+                "dense_ttft_ms": ttft["dense"],
+                "spon_ttft_ms": ttft["spon"],
+                "ttft_ratio": ttft["dense"] / ttft["spon"],
             }
         )
     return {
@@ -64,6 +81,7 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
         "held_out_sparsity": config.perplexity.spon_sparsity if config.perplexity else None,
         "engine": {k: v for k, v in ENGINE_KWARGS.items() if k != "enforce_eager"},
         "prompt_tokens": PROMPT_TOKENS,
+        "prefill_tokens": PREFILL_TOKENS,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "machine": {
@@ -82,9 +100,16 @@ def table(result: dict) -> str:
         f"SPON at target {result['target_sparsity']:.0%}: achieved {result['achieved_sparsity']:.1%} on "
         f"calibration tokens" + (f", {held_out:.1%} held out" if held_out is not None else "")
     )
-    lines = [sparsity, "| vLLM CPU, batch 1 | dense tok/s | SPON tok/s | SPON/dense |", "| --- | --- | --- | --- |"]
+    lines = [
+        sparsity,
+        f"| vLLM CPU, batch 1 | dense tok/s | SPON tok/s | SPON/dense | TTFT {result['prefill_tokens']} tokens, "
+        "dense / SPON ms | dense/SPON |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     lines += [
-        f"| {r['mode']} | {r['dense_tok_s']:.1f} | {r['spon_tok_s']:.1f} | {r['ratio']:.2f}x |" for r in result["rows"]
+        f"| {r['mode']} | {r['dense_tok_s']:.1f} | {r['spon_tok_s']:.1f} | {r['ratio']:.2f}x | "
+        f"{r['dense_ttft_ms']:.0f} / {r['spon_ttft_ms']:.0f} | {r['ttft_ratio']:.2f}x |"
+        for r in result["rows"]
     ]
     return "\n".join(lines)
 

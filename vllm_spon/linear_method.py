@@ -24,6 +24,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_spon import kernels, ops  # noqa: F401  (ops registers torch.ops.spon.sparse_linear)
+from vllm_spon.kernels import cpu
 from vllm_spon.kernels.reference import sparsify
 
 THRESHOLD_PARAM = "spon_threshold"
@@ -78,6 +79,8 @@ class SponDenseLinearMethod(SponLinearMethod):
         # separate pass over x, and the op then sees an already-sparse input.
         self.one_threshold = len(set(layer.spon_threshold.tolist())) == 1
         kernels.prepare(layer.weight.device, self.segment_ends[-1])
+        if layer.weight.device.type == "cpu":  # build/load the C++ kernel now: a failure stops start-up
+            cpu.load_extension()
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
