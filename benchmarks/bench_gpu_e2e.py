@@ -7,6 +7,7 @@ engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its o
     python benchmarks/bench_gpu_e2e.py make --out /tmp/e2e [--sparsities 0.4,0.5,0.6]
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --load-format auto --json /tmp/e2e/dense.json
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/spon50 --load-format spon --json /tmp/e2e/spon50.json
+    python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --quantization fp8 --json /tmp/e2e/fp8.json
     python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
     python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small [--tp 2]   # greedy tokens vs reference
 
@@ -102,14 +103,17 @@ def decode_rate(llm, prompts: list[list[int]], new_tokens: int, repeats: int) ->
     return statistics.median(rates)
 
 
-def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, repeats: int = 3) -> dict:
+def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, quantization: str | None = None,
+               repeats: int = 3) -> dict:
     from vllm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(model, load_format=load_format, dtype="bfloat16", max_model_len=4096, max_num_seqs=64,
-              gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=tensor_parallel_size)
+              gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=tensor_parallel_size,
+              quantization=quantization)
     result: dict = {"model": model, "load_format": load_format, "tensor_parallel_size": tensor_parallel_size,
-                    "startup_s": time.perf_counter() - t0, "decode_tok_s": {}, "ttft_ms": None}
+                    "quantization": quantization, "startup_s": time.perf_counter() - t0, "decode_tok_s": {},
+                    "ttft_ms": None}
     gen = torch.Generator().manual_seed(0)
     for batch in BATCHES:
         prompts = [torch.randint(2, 512, (32,), generator=gen).tolist() for _ in range(batch)]
@@ -127,14 +131,16 @@ def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, repe
 
 def table(paths: list[Path]) -> str:
     runs = [json.loads(p.read_text()) for p in paths]
-    dense = next(r for r in runs if r["load_format"] != "spon")
+    dense = next(r for r in runs if r["load_format"] != "spon" and not r.get("quantization"))
     lines = ["| engine | " + " | ".join(f"batch {b} tok/s (ratio)" for b in BATCHES) + " | TTFT 2k ms (ratio) |",
              "| --- |" + " --- |" * (len(BATCHES) + 1)]
     for r in runs:
         cells = [f"{r['decode_tok_s'][str(b)]:.0f} ({r['decode_tok_s'][str(b)] / dense['decode_tok_s'][str(b)]:.2f}x)"
                  for b in BATCHES]
         ttft = f"{r['ttft_ms']:.1f} ({dense['ttft_ms'] / r['ttft_ms']:.2f}x)"
-        lines.append(f"| {Path(r['model']).name} ({r['load_format']}) | " + " | ".join(cells) + f" | {ttft} |")
+        quantized = f", {r['quantization']}" if r.get("quantization") else ""
+        engine = f"{Path(r['model']).name} ({r['load_format']}{quantized})"
+        lines.append(f"| {engine} | " + " | ".join(cells) + f" | {ttft} |")
     return "\n".join(lines)
 
 
@@ -201,6 +207,7 @@ def main() -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--quantization", help="vLLM weight quantization, e.g. fp8 (default: none, bf16 weights)")
     p = sub.add_parser("table")
     p.add_argument("json", type=Path, nargs="+")
     p = sub.add_parser("check-tokens")
@@ -211,7 +218,7 @@ def main() -> None:
         shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
         make_models(ns.out, shape, [float(s) for s in ns.sparsities.split(",")], torch.bfloat16, seed=0)
     elif ns.cmd == "engine":
-        ns.json.write_text(json.dumps(run_engine(ns.model, ns.load_format, ns.tp), indent=1))
+        ns.json.write_text(json.dumps(run_engine(ns.model, ns.load_format, ns.tp, ns.quantization), indent=1))
     elif ns.cmd == "table":
         print(table(ns.json))
     else:
