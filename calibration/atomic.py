@@ -125,6 +125,22 @@ def _mark_unfinished(directory: Path) -> None:
     (directory / UNFINISHED_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
+def writable_folder(path: Path, option: str) -> Path:
+    """The nearest existing folder above `path`, checked to take a new entry (a real try, not permission
+    bits, so root and read-only file systems are judged right)."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise OutputError(f"{option} {path}: cannot create a directory in {parent} ({e.strerror}); "
+                          f"choose a writable {option}") from None
+    return parent
+
+
 def check_target(final: Path, overwrite: bool, replaceable: Callable[[Path], bool] = written_by_vllm_spon,
                  what: str = "a previous output of vllm-spon") -> None:
     """Refuse an existing `final` unless `overwrite` and `replaceable(final)`: a file, a link or a folder of

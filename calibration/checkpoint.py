@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_spon import __version__
-from vllm_spon.calibration.atomic import OutputError, atomic_directory, check_target, unfinished
+from vllm_spon.calibration.atomic import OutputError, atomic_directory, check_target, unfinished, writable_folder
 
 FORMAT_VERSION = 1
 SPON_DIR = "spon"
@@ -392,16 +391,7 @@ def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay
             "model, choose a separate --output"
         )
     check_target(Path(output), overwrite, is_spon_checkpoint, PREVIOUS_CHECKPOINT)
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"--output {output}: {parent} is a file, not a folder")
-    try:
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as e:
-        raise OutputError(f"--output {output}: cannot create a directory in {parent} ({e.strerror}); "
-                          "choose a writable --output") from None
+    parent = writable_folder(out, "--output")
     need = _checkpoint_bytes(model, layout)
     free = shutil.disk_usage(parent).free
     if need > free:

@@ -153,14 +153,25 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr("vllm_spon.calibration.pipeline.load_tokenizer", heavy)
 
 
-def test_unwritable_output_is_refused_before_any_work(capsys, tiny_model, tmp_path, no_heavy_work):
+@pytest.fixture()
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot create entries in."""
     if os.geteuid() == 0:
-        output = Path("/proc/vllm-spon-out/checkpoint")  # not even root may create folders here
-    else:
-        (tmp_path / "read-only").mkdir(mode=0o500)
-        output = tmp_path / "read-only" / "checkpoint"
-    code, line = run(capsys, "calibrate", tiny_model, "--output", output, *TINY_BUDGET)
+        return Path("/proc/vllm-spon-out")  # not even root may create folders here
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    return tmp_path / "read-only"
+
+
+def test_unwritable_output_is_refused_before_any_work(capsys, tiny_model, unwritable, no_heavy_work):
+    code, line = run(capsys, "calibrate", tiny_model, "--output", unwritable / "checkpoint", *TINY_BUDGET)
     assert code == 1 and "cannot create a directory in" in line and "choose a writable --output" in line
+
+
+def test_unwritable_plot_is_refused_before_the_evaluation(capsys, tiny_model, tmp_path, unwritable, monkeypatch):
+    checkpoint = tiny_checkpoint(tiny_model, tmp_path / "ckpt")
+    monkeypatch.setattr("vllm_spon.calibration.evaluate.load_tokenizer", lambda *_: pytest.fail("evaluation ran"))
+    code, line = run(capsys, "eval", checkpoint, "--plot", unwritable / "plot.png")
+    assert code == 1 and "choose a writable --plot" in line
 
 
 def test_no_room_for_the_checkpoint_is_refused_before_any_work(capsys, tiny_model, tmp_path, monkeypatch,

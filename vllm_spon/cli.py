@@ -39,9 +39,13 @@ def _calibrate(ns: argparse.Namespace) -> None:
 
 
 def _eval(ns: argparse.Namespace) -> None:
+    from vllm_spon.calibration.atomic import writable_folder
     from vllm_spon.calibration.evaluate import EvalArgs, evaluate, plot_checkpoint
 
-    result = evaluate(EvalArgs(**_model_fields(ns, EvalArgs)))
+    args = EvalArgs(**_model_fields(ns, EvalArgs))
+    if ns.plot:
+        writable_folder(ns.plot, "--plot")  # before the perplexities, not after
+    result = evaluate(args)
     if ns.plot:
         plot_checkpoint(ns.checkpoint, ns.plot)
         result["plot"] = str(ns.plot)
