@@ -89,6 +89,22 @@ def test_chat_completions_apply_the_chat_template(base_url, tokenizer):
     assert client.models.list().data[0].id == SERVED_NAME
 
 
+def test_vllm_bench_serve_measures_the_spon_server(base_url, example_model_dir, tmp_path):
+    """vLLM's serving benchmark, run against `vllm serve --load-format spon`, completes every request."""
+    import subprocess
+
+    from vllm_spon.server import vllm_executable
+
+    cmd = [vllm_executable(), "bench", "serve", "--base-url", base_url.removesuffix("/v1"), "--model", SERVED_NAME,
+           "--tokenizer", str(example_model_dir), "--dataset-name", "random", "--random-input-len", "16",
+           "--random-output-len", "8", "--num-prompts", "4", "--ignore-eos", "--save-result",
+           "--result-dir", str(tmp_path), "--result-filename", "serve.json"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert result["completed"] == 4 and result["total_output_tokens"] == 32
+
+
 # --- bad checkpoints: each stops start-up; the message names the file and the tensor ------------------------
 
 def _overlay_copy(checkpoint: Path, output: Path) -> Path:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The end-to-end GPU benchmark in stages that each fit one device call (vLLM from the gpu-kit bundle):
+#   bash scripts/gpu_e2e.sh make  WORK                 # Llama-3-8B-shaped random model + SPON 40/50% checkpoints
+#   bash scripts/gpu_e2e.sh run   WORK OUT ENGINE...   # ENGINE: dense | fp8 | spon40 | spon50 | spon50-fp8
+#   bash scripts/gpu_e2e.sh table WORK OUT             # ratios to dense bf16, all JSONs of WORK in one table
+#   bash scripts/gpu_e2e.sh check OUT                  # greedy tokens of vLLM vs the reference sparse model
+# Every engine of one table must run on the same GPU in one session (ratios, never absolute figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash scripts/gpu_host_env.sh)"
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+bench=benchmarks/bench_gpu_e2e.py
+stage=$1
+shift
+case $stage in
+  make)
+    python $bench make --out "$1" --sparsities 0.4,0.5 ;;
+  run)
+    work=$1 out=$2
+    shift 2
+    for engine in "$@"; do
+      case $engine in
+        dense) args=("$work/base" --load-format auto) ;;
+        fp8) args=("$work/base" --load-format auto --quantization fp8) ;;
+        spon*-fp8) args=("$work/${engine%-fp8}" --load-format spon --quantization fp8) ;;
+        spon*) args=("$work/$engine" --load-format spon) ;;
+        *) echo "unknown engine $engine" >&2; exit 2 ;;
+      esac
+      python $bench engine "${args[@]}" --json "$work/$engine.json" 2>&1 | tee "$out/$engine.log" \
+        | grep -E "tok/s|TTFT|SPON:|Error|error" || true
+      cp "$work/$engine.json" "$out/"
+    done ;;
+  table)
+    python $bench table "$1"/dense.json $(ls "$1"/*.json | grep -v '/dense.json$') | tee "$2/table.md" ;;
+  check)
+    python $bench check-tokens --out /tmp/e2e-small 2>&1 | tee "$1/check_tokens.log" | tail -20 ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
