@@ -36,7 +36,7 @@ def prepare(device: torch.device, max_out_features: int) -> None:
     if device.type == "cuda" and has_triton_cuda():
         from . import triton_sparse
 
-        triton_sparse.reserve_workspace(device, max_out_features * triton_sparse.MAX_ROW_TOKENS)
+        triton_sparse.reserve_workspace(device, max_out_features)
         triton_sparse._arrival_counters(device)
 
 

@@ -4,12 +4,12 @@ rows whose input survives, plus the fused thresholding that feeds the dense path
 One launch computes `y = bias + S(x) @ W^T` for all segments of a fused layer (q/k/v, gate/up): a column tile
 never straddles a segment, so it reads one threshold. Kernels (kernels/NOTES.md has the measurements):
 
-- `_kept_rows_kernel` (1-16 tokens): work in proportion to the kept rows. Each program takes one column tile
-  and one block of inputs, forms the block's keep mask (the union over tokens) and its prefix sum, and
-  multiplies only the rows of its group of kept inputs; a program whose group is past the block's count
-  does no work. The compaction is recomputed by every program from x (a few hundred bytes, in L2) instead
-  of a second launch. Partial sums go atomically into an fp32 workspace that stays in L2 and stays zero
-  between launches: the last program of a column tile adds the bias, writes `y` and re-zeroes its slice.
+- `_kept_rows_kernel` (one token): work in proportion to the kept rows. Each program takes one column tile
+  and one block of inputs, forms the block's keep mask and its prefix sum, and multiplies only the kept
+  rows, bm at a time, found by a binary search of the prefix sum; a program with no kept rows does no work.
+  The compaction is recomputed by every program from x (a few hundred bytes, in L2) instead of a second
+  launch. Partial sums go atomically into an fp32 workspace that stays in L2 and stays zero between
+  launches: the last program of a column tile adds the bias, writes `y` and re-zeroes its slice.
 - `_gemv_kernel` (one token): TEAL's grid of one-tile programs, masked loads of every row of the tile,
   the same workspace and finalisation.
 - `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 MAX_SEGMENTS = 4  # segments one launch handles; more take one launch per segment
-MAX_ROW_TOKENS = 16  # tokens `_kept_rows_kernel` takes (its workspace holds this many output rows)
 _MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
 
 
@@ -36,21 +35,22 @@ _MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
 class Config:
     """A launch configuration.
 
-    kind "rows" (1-16 tokens): one program per (column tile of bn, block of bm * groups inputs, group of bm
-    kept rows of that block); `gather` picks how a program finds its rows (`_kept_rows_kernel`).
+    kind "rows" (one token): `splits` programs per (column tile of bn, block of bm * groups inputs), each
+    looping over every splits-th group of bm kept rows of its block (one group when splits == groups)
+    (`_kept_rows_kernel`).
     kind "gemv" (one token): one [bm, bn] tile of W^T per program, fp32 atomics (`_gemv_kernel`).
     kind "dot" (any token count): tokens padded to 16 on tensor cores, `split_k` programs along the input
     dimension, each looping over its share in bm-row steps (`_sparse_matmul_kernel`).
     """
 
-    kind: Literal["rows", "gemv", "dot"]
+    kind: Literal["rows", "gemv", "dot"]  # more than one token always takes "dot"
     bn: int
     bm: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
     groups: int = 1
-    gather: bool = True
+    splits: int = 1
 
 
 @triton.jit
@@ -72,67 +72,56 @@ def _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, keep):
 
 
 @triton.jit
-def _kept_positions(csum, ranks, CB: tl.constexpr, BM: tl.constexpr, GATHER: tl.constexpr):
-    """Where in its block the kept input of each rank lies: `#{i : csum[i] <= rank}` for the inclusive
-    prefix sum `csum` of the keep mask (CB a power of two). GATHER: a bitwise binary search, log2(CB)
-    register gathers; else one [BM, CB] comparison (more arithmetic, no gather)."""
-    if GATHER:
-        pos = tl.zeros([BM], dtype=tl.int32)
-        for s in tl.static_range(1, 20):
-            if (CB >> s) > 0:
-                below = tl.gather(csum, pos + ((CB >> s) - 1), axis=0) <= ranks
-                pos = tl.where(below, pos + (CB >> s), pos)
-        return pos
-    return tl.sum((csum[None, :] <= ranks[:, None]).to(tl.int32), axis=1)
+def _kept_positions(csum, ranks, CB: tl.constexpr, BM: tl.constexpr):
+    """Where in its block the kept input of each rank lies, `#{i : csum[i] <= rank}` for the inclusive prefix
+    sum `csum` of the keep mask (CB a power of two): a bitwise binary search, log2(CB) register gathers.
+    (A [BM, CB] comparison instead measured slower: kernels/NOTES.md.)"""
+    pos = tl.zeros([BM], dtype=tl.int32)
+    for s in tl.static_range(1, 20):
+        if (CB >> s) > 0:
+            below = tl.gather(csum, pos + ((CB >> s) - 1), axis=0) <= ranks
+            pos = tl.where(below, pos + (CB >> s), pos)
+    return pos
 
 
 @triton.jit
 def _kept_rows_kernel(
     x_ptr, w_ptr, thr_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    T, K, N, stride_x, stride_w, stride_y, end1, end2, end3,
-    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    GROUPS: tl.constexpr, GATHER: tl.constexpr,
+    K, N, stride_w, end1, end2, end3,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_g = tl.program_id(2)
+    pid_s = tl.program_id(2)
     CB: tl.constexpr = BM * GROUPS
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     thr = _segment_threshold(thr_ptr, pid_n * BN, end1, end2, end3)
-    # The block's keep mask (a row is kept if any token keeps it) and its prefix sum: the same in every
-    # program of the block, recomputed from x (a few hundred bytes, in L2) instead of a second launch.
+    # The block's keep mask and its prefix sum: the same in every program of the block, recomputed from x
+    # (a few hundred bytes, in L2) instead of a second launch.
     k0 = pid_k * CB
     offs_c = k0 + tl.arange(0, CB)
-    keep = tl.zeros([CB], dtype=tl.int32)
-    for t in tl.static_range(BT):
-        if t < T:
-            xc = tl.load(x_ptr + t * stride_x + offs_c, mask=offs_c < K, other=0.0)
-            keep |= (tl.abs(xc.to(tl.float32)) > thr).to(tl.int32)
+    keep = (tl.abs(tl.load(x_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)) > thr).to(tl.int32)
     csum = tl.cumsum(keep, axis=0)
-    ranks = pid_g * BM + tl.arange(0, BM)
     count = tl.sum(keep, axis=0)
-    valid = ranks < count
-    if pid_g * BM < count:  # this program's group of kept rows is not empty
-        offs_k = k0 + _kept_positions(csum, ranks, CB, BM, GATHER)
-        w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, valid).to(tl.float32)
-        for t in tl.static_range(BT):
-            if t < T:
-                xv = tl.load(x_ptr + t * stride_x + offs_k, mask=valid, other=0.0).to(tl.float32)
-                xv = tl.where(tl.abs(xv) > thr, xv, 0.0)  # a kept row may be dropped by this token
-                part = tl.sum(w * xv[:, None], axis=0)
-                tl.atomic_add(ws_ptr + t * N + offs_n, part, mask=mask_n, sem="relaxed")
+    acc = tl.zeros([BN], dtype=tl.float32)
+    # This program's groups of BM kept rows: every SPLITS-th one (one group when SPLITS == GROUPS).
+    for r0 in range(pid_s * BM, count, SPLITS * BM):
+        ranks = r0 + tl.arange(0, BM)
+        valid = ranks < count
+        offs_k = k0 + _kept_positions(csum, ranks, CB, BM)
+        xv = tl.load(x_ptr + offs_k, mask=valid, other=0.0).to(tl.float32)
+        w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, valid)
+        acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+    if pid_s * BM < count:
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
     tl.debug_barrier()  # every thread's atomics are issued before the release below
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == tl.num_programs(1) * GROUPS - 1:
+    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == tl.num_programs(1) * SPLITS - 1:
+        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        for t in tl.static_range(BT):
-            if t < T:
-                total = tl.load(ws_ptr + t * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += bias
-                tl.store(y_ptr + t * stride_y + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-                tl.store(ws_ptr + t * N + offs_n, tl.zeros_like(total), mask=mask_n)
+            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
         tl.store(cnt_ptr + pid_n, 0)
 
 
@@ -324,13 +313,13 @@ def _launch_one(x, w, thresholds, ends, bias, config: Config, bn: int, y) -> Non
     n_tiles = triton.cdiv(N, bn)
     cnt = _arrival_counters(x.device)
     assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
-    if config.kind == "rows" and T <= MAX_ROW_TOKENS:
-        ws = reserve_workspace(x.device, T * N)
-        _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), config.groups)](
-            x, w, thresholds, y if bias is None else bias, y, ws, cnt, T, K, N,
-            x.stride(0), w.stride(0), y.stride(0), *inner,
-            HAS_BIAS=bias is not None, BT=triton.next_power_of_2(T), BM=config.bm, BN=bn,
-            GROUPS=config.groups, GATHER=config.gather, num_warps=config.num_warps,
+    if config.kind == "rows" and T == 1:
+        ws = reserve_workspace(x.device, N)
+        splits = min(config.splits, config.groups)
+        _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), splits)](
+            x, w, thresholds, y if bias is None else bias, y, ws, cnt, K, N, w.stride(0), *inner,
+            HAS_BIAS=bias is not None, BM=config.bm, BN=bn, GROUPS=config.groups, SPLITS=splits,
+            num_warps=config.num_warps,
         )  # fmt: skip
         return
     if config.kind == "gemv" and T == 1:

@@ -35,12 +35,14 @@ def test_in_interpreter():
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CONFIGS = {  # the kept-rows kernel (both searches), the one-tile GEMV (one token), the tensor-core kernel
-    "rows": ("rows", 32, 8, 1, 1, 1, 4, True),  # blocks of 32 inputs, groups of 8 kept rows
-    "rows-compare": ("rows", 64, 16, 1, 2, 1, 2, False),
-    "gemv": ("gemv", 32, 16, 1),
-    "dot-split": ("dot", 32, 32, 2),
+CONFIGS = {  # the kept-rows kernel (looping, and several programs per block), the GEMV, the tensor-core kernel
+    "rows": dict(kind="rows", bn=32, bm=16, groups=4, splits=1, num_warps=1),
+    "rows-split": dict(kind="rows", bn=64, bm=8, groups=4, splits=2, num_warps=2),
+    "gemv": dict(kind="gemv", bn=32, bm=16),
+    "dot": dict(kind="dot", bn=32, bm=16),
+    "dot-split": dict(kind="dot", bn=32, bm=32, split_k=2),
 }
+ONE_TOKEN = ["rows", "rows-split", "gemv"]
 SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
 
 
@@ -67,34 +69,45 @@ def _rel_err(y, ref):
 def _launch(x, w, thresholds, ends, b, config):
     """The kernel into a NaN-poisoned output; config a name of CONFIGS or a Config."""
     if isinstance(config, str):
-        config = ts.Config(*CONFIGS[config])
+        config = ts.Config(**CONFIGS[config])
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
     return ts.launch(x, w, thresholds, ends, b, config, out=out)
 
 
-# (tokens, dtype, segments, bias, config): every token count, dtype and segment layout, mixed so that
-# each appears with and without bias and under both searches without taking the full product.
-ROWS_CASES = [
-    (tokens, dtype, segments, (i + j) % 2 == 0, "rows" if (i + j) % 3 else "rows-compare")
-    for i, tokens in enumerate([1, 2, 3, 5, 8])
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("segments", SEGMENTS)
+@pytest.mark.parametrize("config", ONE_TOKEN)
+def test_one_token_kernels_match_reference(dtype, segments, config):
+    ends = SEGMENTS[segments]
+    x, w, thr, b = _problem(1, 77, ends, dtype, bias=segments != "one")  # 77 inputs: a partial last block
+    y = _launch(x, w, thr, ends, b, config)
+    assert y.dtype == dtype
+    assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[dtype]
+
+
+# (tokens, dtype, segments, bias, config): every token count, dtype and segment layout, mixed so that each
+# appears with and without bias and with and without a K split, without taking the full product.
+MULTI_TOKEN_CASES = [
+    (tokens, dtype, segments, (i + j) % 2 == 0, "dot" if (i + j) % 3 else "dot-split")
+    for i, tokens in enumerate([2, 3, 5, 8])
     for j, (dtype, segments) in enumerate(zip(DTYPES, ["qkv", "ragged", "one"], strict=True))
 ]
 
 
 @interpreted
-@pytest.mark.parametrize(("tokens", "dtype", "segments", "bias", "config"), ROWS_CASES, ids=str)
-def test_kept_rows_kernel_matches_reference(tokens, dtype, segments, bias, config):
+@pytest.mark.parametrize(("tokens", "dtype", "segments", "bias", "config"), MULTI_TOKEN_CASES, ids=str)
+def test_multi_token_kernel_matches_reference(tokens, dtype, segments, bias, config):
     ends = SEGMENTS[segments]
-    x, w, thr, b = _problem(tokens, 77, ends, dtype, bias=bias)  # 77 inputs: a partial last block
+    x, w, thr, b = _problem(tokens, 77, ends, dtype, bias=bias)
     y = _launch(x, w, thr, ends, b, config)
     assert y.dtype == dtype
     assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[dtype]
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["rows", "rows-compare"])
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_kept_rows_kernel_is_exact_on_whole_numbers(config, tokens):
+@pytest.mark.parametrize(("config", "tokens"), [*((c, 1) for c in ONE_TOKEN), ("dot", 3), ("dot-split", 6)])
+def test_kernels_are_exact_on_whole_numbers(config, tokens):
     """Whole-number data: the fp32 sums are exact whatever the order of the atomics, so y must equal the
     reference bit for bit (a dropped row read, a kept row missed or counted twice would show)."""
     for dtype in DTYPES:
@@ -108,7 +121,7 @@ def test_kept_rows_kernel_is_exact_on_whole_numbers(config, tokens):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
     ends = SEGMENTS["qkv"]
-    tokens = 1 if config == "gemv" else 3
+    tokens = 1 if config in ONE_TOKEN else 3
     x, w, _, b = _problem(tokens, 64, ends, dtype)
     y = _launch(x, w, torch.zeros(3), ends, b, config)
     assert _rel_err(y, x.float() @ w.float() + b.float()) < TOL[dtype]
@@ -120,13 +133,13 @@ def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
 
 
 @interpreted
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_presparsified_input_drops_exact_zeros(tokens):
+@pytest.mark.parametrize(("config", "tokens"), [("rows", 1), ("dot", 5)])
+def test_presparsified_input_drops_exact_zeros(config, tokens):
     """Thresholds zero on a thresholded x (what `sparse_linear` does for thresholds=None): zeros dropped."""
     ends = SEGMENTS["qkv"]
     x, w, thr, b = _problem(tokens, 80, ends, torch.bfloat16, integers=True)
     xs = sparsify(x, thr[0])
-    y = _launch(xs, w, torch.zeros(3), ends, b, "rows")
+    y = _launch(xs, w, torch.zeros(3), ends, b, config)
     assert torch.equal(y, sparse_linear_reference(x, w, thr[:1].expand(3), ends, b))
 
 
@@ -134,7 +147,7 @@ def test_presparsified_input_drops_exact_zeros(tokens):
 def test_launches_leave_workspace_and_counters_zero():
     """The kernels' per-device state must be back to zero after every launch, or the next one is wrong."""
     ends = SEGMENTS["qkv"]
-    for config, tokens in (("rows", 1), ("rows", 4), ("gemv", 1), ("dot-split", 3)):
+    for config, tokens in (("rows", 1), ("rows-split", 1), ("gemv", 1), ("dot-split", 3)):
         for _ in range(2):  # fresh inputs each time: a stale partial sum would show
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)
@@ -144,7 +157,7 @@ def test_launches_leave_workspace_and_counters_zero():
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["rows", "dot-split"])
+@pytest.mark.parametrize("config", ["dot", "dot-split"])
 def test_union_mask_reads_rows_any_token_keeps(config):
     """Tokens with disjoint surviving inputs: each token must see only its own, the rows read are the union."""
     k, ends = 64, [32]
@@ -193,7 +206,7 @@ def test_config_selection():
             config = configs.select(k, n, tokens, torch.bfloat16)
             if config is not None:
                 assert config.bn >= 16 and config.bm >= 8 and 1 <= config.split_k <= max(1, k // config.bm)
-                assert tokens == 1 or config.kind != "gemv"
+                assert tokens == 1 or config.kind == "dot"
     bf16, fp32 = (configs.select(576, 1536, 1, d) for d in (torch.bfloat16, torch.float32))
     if bf16 is not None:
         assert fp32.bn == max(16, bf16.bn // 2)
