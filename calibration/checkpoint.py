@@ -380,16 +380,19 @@ def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay
     """Refuse, before any heavy work, an output that would lose the user's files or cannot be written.
 
     Only a previous checkpoint is ever replaced (with `overwrite`); an output equal to, inside, linked into or
-    containing the model directory is refused; the nearest existing folder must take a new directory and
-    have room for the checkpoint.
+    containing the model directory, or the folder its files link to, is refused; the nearest existing folder
+    must take a new directory and have room for the checkpoint.
     """
     out, model = Path(output).absolute().resolve(), Path(model_dir).absolute().resolve()
-    if out == model or model in out.parents or out in model.parents:
-        where = "the model directory" if out == model else "inside" if model in out.parents else "a parent of"
-        raise OutputError(
-            f"--output {output} is {where} {model_dir} (resolved: {out}); writing there could destroy the base "
-            "model, choose a separate --output"
-        )
+    # The model directory and wherever its files really live (an overlay's base, a hub cache's blobs).
+    homes = [model, *sorted({item.resolve().parent for item in _base_files(model) if item.is_file()} - {model})]
+    for home in homes:
+        if out == home or home in out.parents or out in home.parents:
+            where = "the folder" if out == home else "inside" if home in out.parents else "a parent of"
+            raise OutputError(
+                f"--output {output} is {where} {home}, which holds the files of the model {model_dir} (resolved: "
+                f"{out}); writing there could destroy the base model, choose a separate --output"
+            )
     check_target(Path(output), overwrite, is_spon_checkpoint, PREVIOUS_CHECKPOINT)
     parent = writable_folder(out, "--output")
     need = _checkpoint_bytes(model, layout)

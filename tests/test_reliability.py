@@ -114,6 +114,17 @@ def test_output_at_or_around_the_model_is_refused_and_the_model_kept(capsys, mod
     assert digest(tmp_path) == before
 
 
+def test_output_where_an_overlays_base_lives_is_refused(capsys, tiny_model, tmp_path):
+    """Calibrating an overlay onto the full checkpoint it links to would delete the weights it links to."""
+    base = tiny_checkpoint(tiny_model, tmp_path / "full")
+    overlay = tiny_checkpoint(base, tmp_path / "overlay", layout="overlay")
+    before = digest(tmp_path)
+    code, line = run(capsys, "calibrate", overlay, "--layout", "overlay", "--output", base, "--overwrite",
+                     "--no-eval", *TINY_BUDGET)
+    assert code == 1 and f"which holds the files of the model {overlay}" in line
+    assert digest(tmp_path) == before
+
+
 @pytest.mark.parametrize("existing", ["file", "folder", "link to a checkpoint"])
 def test_overwrite_replaces_only_a_previous_checkpoint(capsys, tiny_model, tmp_path, existing):
     output = tmp_path / "out"
