@@ -98,7 +98,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, another user's
     return True
 
 
@@ -181,11 +181,15 @@ def atomic_directory(
         with _signals_deferred():
             (tmp / UNFINISHED_MARKER).unlink()
             if final.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}{_OLD_INFIX}{os.getpid()}.", dir=final.parent))
-                os.replace(final, old)  # an empty directory is replaced by the previous output
+                old = tmp.with_name(tmp.name.replace(_TMP_INFIX, _OLD_INFIX))  # unique, as tmp's name is
+                os.replace(final, old)
                 os.replace(tmp, final)
                 _mark_unfinished(old)
-                shutil.rmtree(old)
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:
+                    logger.warning(f"wrote {final}, but could not delete the previous output, moved to {old} "
+                                   f"({e}); delete it")
             else:
                 os.replace(tmp, final)
     except BaseException:
