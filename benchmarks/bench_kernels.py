@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py --out DIR           # table with the committed configs
     python benchmarks/bench_kernels.py --tune --out DIR    # sweep configs first; writes DIR/tuned_<gpu>.py
+    python benchmarks/bench_kernels.py --fp8 --out DIR     # float8 weights, one token: DIR/fp8.{md,json}
 
 On a host without vLLM, make the checkout importable first: `eval "$(bash scripts/gpu_host_env.sh)"`.
 
@@ -15,6 +16,12 @@ before it is timed. "dense" is the faster of cuBLAS on the two weight layouts (`
 an input the caller thresholded (thresholds None, the plugin's usual case; the tuning sweep passes the
 per-segment thresholds instead, which cost the kernels the same). "ideal" is 1 / (fraction of weight rows
 some token keeps).
+
+--fp8 (one token): the one-token kernels on float8_e4m3 weights `[in, out]` with a per-output-channel scale
+(bf16 x, no activation quantization) for each of FP8_CANDIDATES, against `torch._scaled_mm` on the same fp8
+weight in cuBLAS's layout (x quantized beforehand, per-tensor scales: vLLM's fp8 linear minus its activation
+quantization kernel, so the ratios are conservative) and bf16 cuBLAS. It writes the TUNED_FP8 entries the
+MARGIN / FP8_FLOOR rules pick (best geometric mean over TUNE_SPARSITIES) into DIR/tuned_fp8.txt.
 """
 
 import argparse
@@ -55,6 +62,13 @@ TABLE_SPARSITIES = (0.0, 0.4, 0.5, 0.6, 0.75, 0.9)
 INPUT_SETS = 8
 ROTATION_BYTES = 1e9  # weight copies per shape
 DTYPE = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+FP8_SHAPES = ("gate_up 4096->14336", "down 14336->4096", "qkv 4096->6144", "o 4096->4096")
+FP8_CANDIDATES = [  # the H200 bf16 table's kernels, column tiles doubled (a byte a weight: same bytes a row)
+    *(ts.Config("rows", bn, 16, num_warps=4, groups=16, splits=sp) for bn in (1024, 2048) for sp in (2, 4)),
+    *(ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in ((2048, 4), (2048, 8))),
+]
+FP8_FLOOR = 0.97  # a chosen fp8 config must reach this ratio to _scaled_mm at sparsity 0
 
 
 def bench_us(calls: list[Callable[[], object]], replays: int = 10, repeats: int = 9) -> float:
@@ -312,6 +326,74 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def measure_fp8(log) -> tuple[list[dict], dict]:
+    """One token on float8 weights, per FP8_SHAPES shape: the rows of `_fp8_shape`, and the TUNED_FP8 entry
+    (the best geometric mean if it beats `_scaled_mm` by MARGIN and reaches FP8_FLOOR of it at s = 0)."""
+    rows, table = [], {}
+    for name in FP8_SHAPES:
+        k, ends = SHAPES[name]
+        shape_rows = _fp8_shape(Case(k, ends), name, log)
+        rows += shape_rows
+        s0 = TUNE_SPARSITIES.index(0.0)
+        base = shape_rows[0]["scaled_mm_us"]
+        fit = [r for r in sorted(shape_rows, key=lambda r: r["geomean_us"])
+               if r["geomean_us"] < MARGIN * base and base / r["us"][s0] >= FP8_FLOOR]  # fmt: skip
+        table[(k, ends[-1], 1)] = fit[0]["config_obj"] if fit else None
+    for r in rows:
+        del r["config_obj"]
+    return rows, table
+
+
+def _fp8_shape(case: Case, name: str, log) -> list[dict]:
+    """FP8_CANDIDATES on fp8 copies of the case's weights (per-output-channel amax scales) at TUNE_SPARSITIES,
+    `torch._scaled_mm` on the same weights in cuBLAS's column-major layout, bf16 cuBLAS."""
+    one = torch.ones((), device="cuda")
+    weights = []  # (fp8 [in, out] row-major, its scale, the same weight column-major)
+    for w in case.w:
+        scale = (w.float().abs().amax(dim=0) / 448.0).clamp_min(1e-12)
+        w8 = (w.float() / scale).to(FP8)
+        weights.append((w8, scale, w8.t().contiguous().t()))
+    x8 = {id(i): (i.x.float() / (i.x.float().abs().amax() / 448.0)).to(FP8) for i in case.inputs(1, 0.0)}
+    scaled_us = bench_us(
+        case.calls(lambda i, w: torch._scaled_mm(x8[id(i)], w[2], one, one, out_dtype=DTYPE), 1, 0.0, weights)
+    )
+    bf16_us = case.dense_us(1)[0]
+    rows = []
+    for config in FP8_CANDIDATES:
+
+        def run(i, w, config=config):
+            return ts.launch(i.x, w[0], i.thresholds, case.ends, None, config, weight_scale=w[1])
+
+        times, errs = [], []
+        for s in TUNE_SPARSITIES:
+            i0 = case.inputs(1, s)[0]
+            w8, scale, _ = weights[0]
+            ref = sparse_linear_reference(i0.x.float(), w8.float() * scale, i0.thresholds, case.ends)
+            errs.append(float((run(i0, weights[0]).float() - ref).norm() / ref.norm()))
+            times.append(bench_us(case.calls(run, 1, s, weights)))
+        row = {"shape": name, "config": repr(config), "config_obj": config, "scaled_mm_us": scaled_us,
+               "bf16_us": bf16_us, "us": times, "geomean_us": math.exp(sum(map(math.log, times)) / len(times)),
+               "rel_err": max(errs)}  # fmt: skip
+        rows.append(row)
+        log.write(json.dumps({k: v for k, v in row.items() if k != "config_obj"}) + "\n")
+        log.flush()
+        ratios = " ".join(f"s={s}: {t:.1f} ({scaled_us / t:.2f}x)" for s, t in zip(TUNE_SPARSITIES, times, strict=True))
+        print(f"fp8 {name:20} _scaled_mm {scaled_us:5.1f} bf16 {bf16_us:5.1f} | {config} {ratios} err {max(errs):.1e}",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def fp8_markdown(rows: list[dict]) -> str:
+    """One line per (shape, config): the baselines' µs, then the kernel's µs (ratio to `_scaled_mm`)."""
+    out = ["| shape | config | _scaled_mm us | bf16 us | " + " | ".join(f"s={s}" for s in TUNE_SPARSITIES) + " |",
+           "| --- " * (4 + len(TUNE_SPARSITIES)) + "|"]  # fmt: skip
+    for r in rows:
+        cells = [f"{t:.1f} ({r['scaled_mm_us'] / t:.2f}x)" for t in r["us"]]
+        out.append(f"| {r['shape']} | {r['config']} | {r['scaled_mm_us']:.1f} | {r['bf16_us']:.1f} | "
+                   + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, bytes read + written: the memory ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -323,6 +405,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_kernels"))
     parser.add_argument("--tune", action="store_true", help="sweep configs and use the result")
+    parser.add_argument("--fp8", action="store_true", help="float8 weights, one token (see above)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = parser.parse_args()
@@ -335,6 +418,14 @@ def main() -> None:
         f"device copy {copy_tbs:.2f} TB/s (read + write)",
         flush=True,
     )
+    if args.fp8:
+        with open(args.out / "fp8.jsonl", "w") as log:
+            rows, table = measure_fp8(log)
+        (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "rows": rows}, indent=1))
+        (args.out / "fp8.md").write_text(fp8_markdown(rows))
+        (args.out / "tuned_fp8.txt").write_text("".join(f"    {k}: {v!r},\n" for k, v in sorted(table.items())))
+        print(fp8_markdown(rows), table)
+        return
     cases = {name: Case(*SHAPES[name]) for name in args.shapes}
     if args.tune:
         precompile(cases, args.procs)

@@ -8,6 +8,8 @@ token count, so one CUDA graph per batch size always takes one branch.
 A GPU without a table of its own takes `DEFAULT_GPU`'s (the H200's: the kernel design was measured there;
 run the tuning on such a GPU for a table of its own). Unseen shapes borrow the nearest tuned shape's choice
 (log distance), with split_k rescaled to keep about as many programs in flight.
+Float8 weights have a table of their own (`TUNED_FP8`); with no measured fp8 entry for a token bucket,
+dispatch keeps the dense path (under vLLM, its own fp8 matmul).
 """
 
 import dataclasses
@@ -30,13 +32,14 @@ def gpu_slug(device_name: str) -> str:
 
 
 @cache
-def table_for(device_name: str) -> dict[tuple[int, int, int], Config | None]:
-    """The tuned table of a GPU model, or DEFAULT_GPU's when it has none."""
+def table_for(device_name: str, fp8: bool = False) -> dict[tuple[int, int, int], Config | None]:
+    """The tuned table of a GPU model, or DEFAULT_GPU's when it has none. fp8: the table for float8 weights
+    (`TUNED_FP8`, written by `bench_kernels.py --fp8 --tune`), empty where none was measured."""
     try:
         module = importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__)
     except ModuleNotFoundError:
         module = importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__)
-    return module.TUNED
+    return getattr(module, "TUNED_FP8", {}) if fp8 else module.TUNED
 
 
 @cache
@@ -44,24 +47,30 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else DEFAULT_GPU
 
 
-def select(k: int, n: int, tokens: int, dtype: torch.dtype, device: torch.device | None = None) -> Config | None:
-    """The sparse-kernel config for x `[tokens, k]` @ W^T `[k, n]` on `device`, or None for the dense path."""
+def select(
+    k: int, n: int, tokens: int, dtype: torch.dtype, device: torch.device | None = None, fp8: bool = False
+) -> Config | None:
+    """The sparse-kernel config for x `[tokens, k]` @ W^T `[k, n]` on `device`, or None for the dense path.
+
+    fp8: W^T is float8 (one byte per element): only the fp8 table is read, and a token bucket it has no
+    measured entry for takes the dense path (vLLM's own fp8 matmul), never a config borrowed from bf16.
+    """
     bucket = next((b for b in TOKEN_BUCKETS if tokens <= b), None)
     if bucket is None:  # prefill
         return None
-    table = table_for(DEFAULT_GPU if device is None else _device_name(device))
+    table = table_for(DEFAULT_GPU if device is None else _device_name(device), fp8)
     config = table.get((k, n, bucket), ...)
     if config is ...:
-        config = _nearest(table, k, n, bucket)
+        shapes = [(kk, nn) for kk, nn, b in table if b == bucket]
+        if not shapes:
+            return None if fp8 else _default(k, n, bucket)
+        config = _nearest(table, shapes, k, n, bucket)
     if config is not None and dtype == torch.float32:  # twice the bytes per element: same bytes per row
         config = dataclasses.replace(config, bn=max(16, config.bn // 2))
     return config
 
 
-def _nearest(table: dict, k: int, n: int, bucket: int) -> Config | None:
-    shapes = [(kk, nn) for kk, nn, b in table if b == bucket]
-    if not shapes:
-        return _default(k, n, bucket)
+def _nearest(table: dict, shapes: list[tuple[int, int]], k: int, n: int, bucket: int) -> Config | None:
     kk, nn = min(shapes, key=lambda s: abs(math.log(s[0] / k)) + abs(math.log(s[1] / n)))
     config = table[(kk, nn, bucket)]
     if config is None or config.kind != "dot":  # one tile per program: the grid follows the shape by itself

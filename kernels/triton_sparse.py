@@ -15,6 +15,9 @@ never straddles a segment, so it reads one threshold. Kernels (kernels/NOTES.md 
 - `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
   keeps it; split-K partials reduced in a fixed order by the last program of a column tile.
 
+The one-token kernels also take float8 weights (vLLM's fp8 quantization, W8A16: x stays 16-bit) with a
+per-tensor or per-output-channel scale, applied once to the fp32 sums by the program that finalises a tile.
+
 All keep per-device state (the workspace, the arrival counters) that each launch leaves as it found it, so
 launches must be ordered: one stream, as in decode. Importing this module needs Triton but not a GPU.
 """
@@ -85,10 +88,32 @@ def _kept_positions(csum, ranks, CB: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, arrivals, HAS_BIAS: tl.constexpr,
+            SCALE: tl.constexpr):  # fmt: skip
+    """After this program's atomics into the workspace: the last of the `arrivals` programs of column tile
+    `pid_n` reads the sum, applies the weight scale (fp8 weights: after accumulation, so the loop multiplies
+    raw fp8 values; SCALE 0 none, 1 per tensor, 2 per output channel), adds the bias, writes y, and
+    re-zeroes its slice of the workspace and its counter for the next launch."""
+    tl.debug_barrier()  # every thread's atomics are issued before the release below
+    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == arrivals - 1:
+        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+        if SCALE == 1:
+            total *= tl.load(scale_ptr)
+        elif SCALE == 2:
+            total *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+        tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
 def _kept_rows_kernel(
-    x_ptr, w_ptr, thr_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, cnt_ptr,
     K, N, stride_w, end1, end2, end3,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -115,14 +140,8 @@ def _kept_rows_kernel(
         acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
     if pid_s * BM < count:
         tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
-    tl.debug_barrier()  # every thread's atomics are issued before the release below
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == tl.num_programs(1) * SPLITS - 1:
-        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
-        tl.store(cnt_ptr + pid_n, 0)
+    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
+            HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -131,6 +150,7 @@ def _gemv_kernel(
     w_ptr,
     thr_ptr,
     bias_ptr,
+    scale_ptr,
     y_ptr,
     ws_ptr,
     cnt_ptr,
@@ -141,6 +161,7 @@ def _gemv_kernel(
     end2,
     end3,
     HAS_BIAS: tl.constexpr,
+    SCALE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
@@ -153,14 +174,7 @@ def _gemv_kernel(
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, tl.abs(x) > thr)
     tl.atomic_add(ws_ptr + offs_n, tl.sum(w.to(tl.float32) * x[:, None], axis=0), mask=mask_n, sem="relaxed")
-    tl.debug_barrier()  # every thread's atomics are issued before the release below
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
-        tl.store(cnt_ptr + pid_n, 0)
+    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1), HAS_BIAS, SCALE)
 
 
 @triton.jit
@@ -288,9 +302,16 @@ def launch(
     bias: torch.Tensor | None,
     config: Config,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`y = bias + S(x) @ weight_t` per segment, with the sparse kernel under `config` (no host sync)."""
+    """`y = bias + S(x) @ weight_t` per segment, with the sparse kernel under `config` (no host sync).
+
+    weight_scale: float32 `[1]` (per tensor) or `[out]` (per output channel) for a float8 weight_t, applied
+    to the fp32 sums (`y = bias + scale * (S(x) @ weight_t)`); one token and the one-token kinds only.
+    """
     T, N = x.shape[0], weight_t.shape[1]
+    if weight_scale is not None and (T != 1 or config.kind == "dot"):
+        raise ValueError(f"scaled (fp8) weights take the one-token kernels only, not {T} tokens under {config}")
     y = torch.empty((T, N), dtype=x.dtype, device=x.device) if out is None else out
     ends = list(segment_ends)
     starts = [0, *ends[:-1]]
@@ -298,36 +319,39 @@ def launch(
     # Otherwise launch per segment on column slices (strided views).
     bn = tile_n(config.bn, ends)
     if bn < 16 or len(ends) > MAX_SEGMENTS:
+        per_channel = weight_scale is not None and weight_scale.numel() > 1
         for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
             b = None if bias is None else bias[s:e]
-            _launch_one(x, weight_t[:, s:e], thresholds[i : i + 1], [e - s], b, config, config.bn, y[:, s:e])
+            scale = weight_scale[s:e] if per_channel else weight_scale
+            _launch_one(x, weight_t[:, s:e], thresholds[i : i + 1], [e - s], b, scale, config, config.bn, y[:, s:e])
         return y
-    _launch_one(x, weight_t, thresholds, ends, bias, config, bn, y)
+    _launch_one(x, weight_t, thresholds, ends, bias, weight_scale, config, bn, y)
     return y
 
 
-def _launch_one(x, w, thresholds, ends, bias, config: Config, bn: int, y) -> None:
+def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y) -> None:
     T, K = x.shape
     N = w.shape[1]
     inner = [*ends[:-1], N, N, N][:3]
     n_tiles = triton.cdiv(N, bn)
     cnt = _arrival_counters(x.device)
     assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
-    if config.kind == "rows" and T == 1:
+    if config.kind in ("rows", "gemv") and T == 1:
         ws = reserve_workspace(x.device, N)
-        splits = min(config.splits, config.groups)
-        _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), splits)](
-            x, w, thresholds, y if bias is None else bias, y, ws, cnt, K, N, w.stride(0), *inner,
-            HAS_BIAS=bias is not None, BM=config.bm, BN=bn, GROUPS=config.groups, SPLITS=splits,
-            num_warps=config.num_warps,
-        )  # fmt: skip
-        return
-    if config.kind == "gemv" and T == 1:
-        ws = reserve_workspace(x.device, N)
-        _gemv_kernel[(n_tiles, triton.cdiv(K, config.bm))](
-            x, w, thresholds, y if bias is None else bias, y, ws, cnt, K, N, w.stride(0), *inner,
-            HAS_BIAS=bias is not None, BM=config.bm, BN=bn, num_warps=config.num_warps,
-        )  # fmt: skip
+        # unused pointers take y: a kernel never reads them
+        common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, ws, cnt, K, N,
+                  w.stride(0), *inner)  # fmt: skip
+        flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2)
+        if config.kind == "rows":
+            splits = min(config.splits, config.groups)
+            _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), splits)](
+                *common, **flags, BM=config.bm, BN=bn, GROUPS=config.groups, SPLITS=splits,
+                num_warps=config.num_warps,
+            )  # fmt: skip
+        else:
+            _gemv_kernel[(n_tiles, triton.cdiv(K, config.bm))](
+                *common, **flags, BM=config.bm, BN=bn, num_warps=config.num_warps
+            )
         return
     bt = max(16, triton.next_power_of_2(T))
     bm = max(config.bm, 16)

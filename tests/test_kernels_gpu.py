@@ -1,6 +1,7 @@
 """The compiled Triton path of `sparse_linear` on a CUDA GPU, at Llama-3-8B shapes (skipped without one):
 correctness against the float32 reference for every dispatch branch and every kernel, bit-exact results on
-whole-number data, no host synchronisation, CUDA-graph capture and torch.compile through a custom op."""
+whole-number data, no host synchronisation, CUDA-graph capture and torch.compile through a custom op; the
+one-token kernels on float8 weights (per-tensor and per-channel scales) the same way."""
 
 import pytest
 import torch
@@ -117,3 +118,77 @@ def test_torch_compile_custom_op():
         x, w, thr, b = _problem(tokens, k, ends, torch.bfloat16)
         ref = torch.relu(sparse_linear_reference(x.float(), w.float(), thr, ends, b))
         assert _rel_err(fn(x, w, thr, b), ref) < TOL[torch.bfloat16]
+
+
+FP8_KERNELS = ["rows", "rows-split", "gemv"]
+
+
+def _fp8_problem(k, ends, per_channel, bias=True, integers=False):
+    from tests.test_kernels_fp8 import quantize
+
+    x, w, thr, b = _problem(1, k, ends, torch.bfloat16, bias=bias, integers=integers)
+    if integers:  # whole-number fp8 weights and power-of-two scales: exact sums
+        n = ends[-1]
+        scale = 2.0 ** torch.randint(-3, 1, (n,), device="cuda").float() if per_channel else torch.tensor(
+            [0.5], device="cuda"
+        )
+        return x.half(), w.to(torch.float8_e4m3fn), scale, thr, None if b is None else b.half()
+    w8, scale = quantize(w, per_channel)
+    return x, w8, scale, thr, b
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", FP8_KERNELS)
+def test_fp8_kernels_match_reference_and_are_exact(kernel, shape, per_channel):
+    from vllm_spon.kernels import triton_sparse as ts
+    from vllm_spon.kernels.reference import sparse_linear_fp8_reference
+
+    k, ends = SHAPES[shape]
+    config = ts.Config(**KERNELS[kernel])
+    for integers in (False, True):
+        x, w8, scale, thr, b = _fp8_problem(k, ends, per_channel, bias=shape != "down", integers=integers)
+        out = torch.full((1, ends[-1]), float("nan"), dtype=x.dtype, device="cuda")
+        y = ts.launch(x, w8, thr, ends, b, config, out=out, weight_scale=scale)
+        ref = sparse_linear_fp8_reference(x, w8, scale, thr, ends, b)
+        if integers:
+            assert torch.equal(y, ref)
+        else:
+            assert _rel_err(y, sparse_linear_fp8_reference(x.float(), w8, scale, thr, ends, b)) < TOL[x.dtype]
+
+
+def test_fp8_kernel_no_host_sync_and_cuda_graph():
+    from vllm_spon.kernels import triton_sparse as ts
+    from vllm_spon.kernels.reference import sparse_linear_fp8_reference
+
+    k, ends = SHAPES["qkv"]
+    x, w8, scale, thr, b = _fp8_problem(k, ends, per_channel=True)
+    config = ts.Config(**KERNELS["rows-split"])
+    ts.launch(x, w8, thr, ends, b, config, weight_scale=scale)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ts.launch(x, w8, thr, ends, b, config, weight_scale=scale)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ts.launch(x, w8, thr, ends, b, config, weight_scale=scale)
+    for _ in range(3):
+        x2, _, _, thr2, _ = _fp8_problem(k, ends, per_channel=True)
+        x.copy_(x2)
+        thr.copy_(thr2)
+        y.fill_(float("nan"))
+        graph.replay()
+        assert _rel_err(y, sparse_linear_fp8_reference(x.float(), w8, scale, thr, ends, b)) < TOL[torch.bfloat16]
+
+
+def test_fp8_entry_without_table_entry_takes_dense():
+    from vllm_spon.kernels import configs
+    from vllm_spon.kernels.fp8 import sparse_linear_fp8
+
+    k, ends = SHAPES["gate_up"]
+    x, w8, scale, thr, b = _fp8_problem(k, ends, per_channel=True)
+    if configs.select(k, ends[-1], 1, x.dtype, x.device, fp8=True) is None:
+        marker = torch.zeros(1, ends[-1], dtype=x.dtype, device="cuda")
+        assert sparse_linear_fp8(x, w8, scale, thr, ends, b, dense=lambda _: marker) is marker

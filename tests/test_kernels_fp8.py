@@ -1,0 +1,178 @@
+"""The sparse kernels on float8 weights (W8A16) against the fp8 reference, under Triton's CPU interpreter
+(small and odd shapes), and the fp8 dispatch. Triton 3.9's interpreter loads float8_e4m3fn tensors and
+converts them exactly, so the kernels read real fp8 weights here. tests/test_kernels_gpu.py runs them
+compiled at Llama shapes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_kernels import SEGMENTS, TOL, _problem, _rel_err
+from vllm_spon.kernels.fp8 import FP8_DTYPE, sparse_linear_fp8
+from vllm_spon.kernels.reference import sparse_linear_fp8_reference
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+if INTERPRETER:
+    pytest.importorskip("triton")
+    from vllm_spon.kernels import triton_sparse as ts
+else:
+    ts = None
+
+FP8_MAX = 448.0
+CONFIGS = {
+    "rows": dict(kind="rows", bn=32, bm=16, groups=4, splits=1, num_warps=1),
+    "rows-split": dict(kind="rows", bn=64, bm=8, groups=4, splits=2, num_warps=2),
+    "gemv": dict(kind="gemv", bn=32, bm=16),
+}
+
+
+def test_in_interpreter():
+    if INTERPRETER:
+        pytest.skip("already in the interpreter process")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^T `[in, out]` to float8_e4m3fn with vLLM's symmetric amax scale, per output channel or per tensor."""
+    amax = w.float().abs().amax(dim=0) if per_channel else w.float().abs().amax().reshape(1)
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _fp8_problem(k, ends, dtype, per_channel, bias=True, **kw):
+    x, w, thr, b = _problem(1, k, ends, dtype, bias=bias, **kw)
+    w8, scale = quantize(w, per_channel)
+    return x, w8, scale, thr, b
+
+
+def _launch(x, w8, scale, thr, ends, b, config):
+    out = torch.full((1, w8.shape[1]), float("nan"), dtype=x.dtype)
+    return ts.launch(x, w8, thr, ends, b, ts.Config(**CONFIGS[config]), out=out, weight_scale=scale)
+
+
+# (config, segments, per-channel, dtype, bias): every config with every segment layout, mixed so that each
+# scale kind, activation dtype and bias setting appears with each config.
+CASES = [
+    (config, segments, (i + j) % 2 == 0, [torch.bfloat16, torch.float16][j % 2], (i + 2 * j) % 3 != 0)
+    for i, config in enumerate(CONFIGS)
+    for j, segments in enumerate(SEGMENTS)
+]
+
+
+@interpreted
+@pytest.mark.parametrize(("config", "segments", "per_channel", "dtype", "bias"), CASES, ids=str)
+def test_fp8_kernels_match_reference(config, segments, per_channel, dtype, bias):
+    ends = SEGMENTS[segments]
+    x, w8, scale, thr, b = _fp8_problem(77, ends, dtype, per_channel, bias=bias)  # 77: a partial last block
+    y = _launch(x, w8, scale, thr, ends, b, config)
+    assert y.dtype == dtype
+    assert _rel_err(y, sparse_linear_fp8_reference(x, w8, scale, thr, ends, b)) < TOL[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_fp8_kernels_exact_on_whole_numbers(config, per_channel):
+    """Whole-number x and fp8 weights, power-of-two scales: every fp32 sum is exact, so y equals the reference
+    bit for bit (a dropped row read, a kept row missed, a scale applied twice or to the bias would show).
+    float16 and scales of at most 1: |y| < 2048 is exact in float16 too (the interpreter's bfloat16 cast
+    truncates where the reference rounds)."""
+    ends = SEGMENTS["ragged"]
+    x, w, thr, b = _problem(1, 100, ends, torch.float16, integers=True, quantiles=(0.2, 0.5, 0.9))
+    w8 = w.to(FP8_DTYPE)
+    scale = 2.0 ** torch.randint(-3, 1, (ends[-1],)).float() if per_channel else torch.tensor([0.25])
+    y = _launch(x, w8, scale, thr, ends, b, config)
+    assert torch.equal(y, sparse_linear_fp8_reference(x, w8, scale, thr, ends, b))
+
+
+@interpreted
+@pytest.mark.parametrize("config", ["rows", "gemv"])
+def test_fp8_all_kept_all_dropped(config):
+    ends = SEGMENTS["qkv"]
+    x, w8, scale, _, b = _fp8_problem(64, ends, torch.bfloat16, per_channel=True)
+    dense = x.float() @ (w8.float() * scale)
+    y = _launch(x, w8, scale, torch.zeros(3), ends, b, config)
+    assert _rel_err(y, dense + b.float()) < TOL[torch.bfloat16]
+    y = _launch(x, w8, scale, torch.full((3,), 1e9), ends, b, config)
+    assert torch.equal(y, b.expand_as(y))
+    y = _launch(x, w8, scale, torch.tensor([0.0, 1e9, 0.0]), ends, None, config)  # one segment all dropped
+    assert torch.equal(y[:, 64:96], torch.zeros_like(y[:, 64:96]))
+    assert _rel_err(y[:, :64], dense[:, :64]) < TOL[torch.bfloat16]
+
+
+@interpreted
+def test_fp8_launches_leave_workspace_and_counters_zero():
+    ends = SEGMENTS["qkv"]
+    for config in CONFIGS:
+        for per_channel in (False, True):
+            x, w8, scale, thr, b = _fp8_problem(80, ends, torch.float16, per_channel)
+            y = _launch(x, w8, scale, thr, ends, b, config)
+            assert _rel_err(y, sparse_linear_fp8_reference(x, w8, scale, thr, ends, b)) < TOL[torch.float16]
+            assert not ts.reserve_workspace(x.device, 1).any()
+            assert not ts._arrival_counters(x.device).any()
+
+
+@interpreted
+def test_scaled_weights_refuse_the_multi_token_kernel():
+    x, w8, scale, thr, b = _fp8_problem(32, [32], torch.bfloat16, per_channel=False)
+    with pytest.raises(ValueError, match="one-token"):
+        ts.launch(x.expand(2, -1), w8, thr[:1], [32], b, ts.Config("dot", bn=32, bm=16), weight_scale=scale)
+    with pytest.raises(ValueError, match="one-token"):
+        ts.launch(x, w8, thr[:1], [32], b, ts.Config("dot", bn=32, bm=16), weight_scale=scale)
+
+
+@interpreted
+def test_fp8_dispatch_is_dense_without_a_measured_entry(monkeypatch):
+    """No fp8 entry: every bucket is dense (never a bf16 config borrowed); with entries: the table's own, the
+    nearest measured shape for unseen ones, and the bf16 table untouched."""
+    from vllm_spon.kernels import configs
+
+    rows = ts.Config("rows", bn=2048, bm=16, num_warps=4, groups=16, splits=2)
+    monkeypatch.setattr(configs, "table_for", lambda name, fp8=False: {(4096, 14336, 1): rows} if fp8 else {})
+    assert configs.select(4096, 14336, 1, torch.bfloat16, fp8=True) == rows
+    assert configs.select(4096, 28672, 1, torch.bfloat16, fp8=True) == rows  # nearest measured shape
+    assert configs.select(4096, 14336, 2, torch.bfloat16, fp8=True) is None  # no 2-token entry: dense
+    assert configs.select(4096, 14336, 1, torch.bfloat16) == configs._default(4096, 14336, 1)
+
+
+@interpreted
+def test_committed_fp8_tables():
+    """An fp8 table holds one-token kernels only; a GPU without one keeps every fp8 layer dense."""
+    from vllm_spon.kernels import configs
+
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        table = configs.table_for(name, fp8=True)
+        assert all(c is None or (b == 1 and c.kind in ("rows", "gemv")) for (_, _, b), c in table.items())
+    if not configs.table_for(configs.DEFAULT_GPU, fp8=True):  # what select(device=None) reads
+        for tokens in (1, 2, 16):
+            assert configs.select(4096, 14336, tokens, torch.bfloat16, fp8=True) is None
+
+
+def test_cpu_entry_takes_dense_or_reference():
+    x, w8, scale, thr, b = _fp8_problem(48, SEGMENTS["qkv"], torch.bfloat16, per_channel=True)
+    ends = SEGMENTS["qkv"]
+    ref = sparse_linear_fp8_reference(x, w8, scale, thr, ends, b)
+    assert torch.equal(sparse_linear_fp8(x, w8, scale, thr, ends, b), ref)
+    assert torch.equal(sparse_linear_fp8(x, w8, scale, thr, ends, b, dense=lambda xx: xx[:, :1]), x[:, :1])
+
+
+def test_fp8_reference_dequantizes_per_channel_and_per_tensor():
+    x = torch.randn(2, 16).bfloat16()
+    w = torch.randn(16, 8)
+    thr = torch.tensor([0.5])
+    for per_channel in (False, True):
+        w8, scale = quantize(w, per_channel)
+        y = sparse_linear_fp8_reference(x, w8, scale, thr, [8])
+        want = ((x.float() * (x.float().abs() > 0.5)) @ (w8.float() * scale)).bfloat16()
+        assert torch.equal(y, want)
+        assert _rel_err(y, (x.float() * (x.float().abs() > 0.5)) @ w) < 0.1  # fp8 rounding only
+    with pytest.raises(ValueError, match="per output channel"):
+        sparse_linear_fp8_reference(x, w8, torch.ones(3), thr, [8])
