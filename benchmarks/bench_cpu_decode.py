@@ -10,13 +10,20 @@ cache hits): prefill runs the same CPU kernel as decode (kernels/cpu.py), over t
     .venv/bin/python -m benchmarks.bench_cpu_decode --model artifacts/test-cache/smollm2 \\
         --checkpoint artifacts/test-cache/smollm2-spon50 --json benchmarks/results/cpu_decode.json
 (run from the repository root: `-m` puts it on the path, for `benchmarks` and `tests`).
+
+`--kernels` times the op alone instead, at the example model's shapes: `vllm_spon.kernels.sparse_linear` on an
+input thresholded at 50% against the layer vLLM's dense CPU path builds (`dispatch_cpu_unquantized_gemm`:
+oneDNN with a prepacked weight, or its AMX kernel for 16-bit weights), weights rotated through 64 MB of copies
+so that every call reads them from memory, as in decode.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -46,10 +53,15 @@ def ttft_ms(llm, prompts: list[list[int]]) -> float:
     return statistics.median(timed_generate(llm, [p], 1) * 1e3 for p in prompts[1:])
 
 
-def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dict:
-    """Dense and SPON batch-1 decode tokens/s, eager and compiled, with the checkpoint's sparsity."""
+def machine() -> dict:
     from vllm import __version__ as vllm_version
 
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "vllm": vllm_version, "load_average": os.getloadavg()}
+
+
+def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dict:
+    """Dense and SPON batch-1 decode tokens/s, eager and compiled, with the checkpoint's sparsity."""
     prompt = held_out_prompts(model, PROMPT_TOKENS, 1)[0]
     long_prompts = held_out_prompts(model, PREFILL_TOKENS, 1 + PREFILL_REPEATS)
     config = read_config(checkpoint)
@@ -84,14 +96,74 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
         "prefill_tokens": PREFILL_TOKENS,
         "new_tokens": new_tokens,
         "repeats": repeats,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "vllm": vllm_version,
-        },
+        "machine": machine(),
         "rows": rows,
     }
+
+
+KERNEL_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
+KERNEL_TOKENS = (1, 4, 32, 256)
+
+
+def _median_us(fn, calls: int) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _time_pair(xs: torch.Tensor, layers: list, calls: int) -> tuple[float, float]:
+    """(SPON, dense) microseconds per call on input xs, each call on the next weight copy."""
+    from vllm_spon.kernels import sparse_linear
+
+    weights = itertools.cycle(layers)
+
+    def spon():
+        weight_t = next(weights)[1]
+        return sparse_linear(xs, weight_t, None, [weight_t.shape[1]])
+
+    def dense():
+        layer = next(weights)[0]
+        return layer.cpu_linear(xs, layer.weight, None)
+
+    return _median_us(spon, calls), _median_us(dense, calls)
+
+
+def measure_kernels(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16), calls: int = 40) -> list[dict]:
+    """Microseconds per call, SPON op at 50% against vLLM's dense CPU linear, per shape, dtype and token count."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    from vllm_spon.kernels import sparsify
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype in dtypes:
+        for name, (k, n) in KERNEL_SHAPES.items():
+            copies = max(2, int(64e6 // (k * n * dtype.itemsize)))
+            layers = []
+            for _ in range(copies):
+                layer = torch.nn.Module()
+                layer.weight = torch.nn.Parameter((torch.randn(n, k, generator=gen) / k**0.5).to(dtype), False)
+                dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+                layers.append((layer, layer.weight.t().contiguous()))
+            for tokens in KERNEL_TOKENS:
+                x = torch.randn(tokens, k, generator=gen).to(dtype)
+                spon_us, dense_us = _time_pair(sparsify(x, x.float().abs().median()), layers, calls)
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "layer": name, "in": k, "out": n,
+                             "tokens": tokens, "spon_us": spon_us, "dense_us": dense_us, "ratio": dense_us / spon_us})
+                print(f"{rows[-1]['dtype']} {name} {k}->{n} T={tokens}: SPON {spon_us:.0f} us, dense {dense_us:.0f} us,"
+                      f" {dense_us / spon_us:.2f}x", flush=True)
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| dtype | layer | T | dense us | SPON 50% us | dense/SPON |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dtype']} | {r['layer']} {r['in']}->{r['out']} | {r['tokens']} | {r['dense_us']:.0f} | "
+              f"{r['spon_us']:.0f} | {r['ratio']:.2f}x |" for r in rows]
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -116,16 +188,22 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the dense Hugging Face model directory")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a SPON checkpoint of it")
+    parser.add_argument("--model", type=Path, help="the dense Hugging Face model directory")
+    parser.add_argument("--checkpoint", type=Path, help="a SPON checkpoint of it")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", action="store_true", help="time the op alone at the example model's shapes")
     ns = parser.parse_args()
-    result = measure(ns.model, ns.checkpoint, ns.new_tokens, ns.repeats)
+    if ns.kernels:
+        result = {"machine": machine(), "kernels": measure_kernels()}
+    elif ns.model is None or ns.checkpoint is None:
+        parser.error("--model and --checkpoint are required (or --kernels)")
+    else:
+        result = measure(ns.model, ns.checkpoint, ns.new_tokens, ns.repeats)
     ns.json.parent.mkdir(parents=True, exist_ok=True)
     ns.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
+    print(kernel_table(result["kernels"]) if ns.kernels else table(result))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from functools import cache
 
 import torch
 
+from . import cpu
 from .reference import sparse_linear_reference, sparsify
 
 __all__ = ["HAS_TRITON", "has_triton_cuda", "prepare", "sparse_linear", "sparse_linear_reference", "sparsify"]
@@ -55,6 +56,8 @@ def sparse_linear(
     segment_ends cumulative output sizes (last == out); bias `[out]` or None. Same semantics as
     `sparse_linear_reference`; no host synchronisation on the CUDA path (CUDA-graph capturable).
     """
+    if x.device.type == "cpu":  # one kernel for every token count: a token's result never depends on T
+        return cpu.sparse_linear(x, weight_t, thresholds, segment_ends, bias)
     if x.stride(-1) != 1:
         x = x.contiguous()
     presparsified = thresholds is None
@@ -71,10 +74,6 @@ def sparse_linear(
             return _matmul(x, weight_t, bias)
         stacked = triton_sparse.sparsify_segments(x, thresholds)  # one pass over x for all segments
         inputs: Callable[[int], torch.Tensor] = stacked.__getitem__
-    elif x.device.type == "cpu":  # one kernel for every token count: a token's result never depends on T
-        from . import cpu
-
-        return cpu.sparse_linear(x, weight_t, thresholds, segment_ends, bias)
     else:
         inputs = (lambda _: x) if presparsified else (lambda i: sparsify(x, thresholds[i]))
     if one_input:

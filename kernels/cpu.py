@@ -13,8 +13,7 @@ no server start pays for it. If it cannot be built, the error is raised: there i
 with a different summation order would give different answers.
 """
 
-from collections.abc import Sequence
-from functools import cache
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,28 +22,34 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear_cpu.cpp"
 EXTENSION = "vllm_spon_cpu_kernels"
 
 
-@cache
-def load_extension() -> None:
-    """Build (once per source and torch version) and load the kernel: registers `torch.ops.spon_cpu`."""
-    from torch.utils.cpp_extension import load
+_op: Callable[..., torch.Tensor] | None = None  # torch.ops.spon_cpu.sparse_linear, once loaded
 
-    load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-         is_python_module=False)
+
+def load_extension() -> Callable[..., torch.Tensor]:
+    """Build (once per source and torch version) and load the kernel; returns `torch.ops.spon_cpu.sparse_linear`."""
+    global _op
+    if _op is None:
+        from torch.utils.cpp_extension import load
+
+        load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False)
+        _op = torch.ops.spon_cpu.sparse_linear
+    return _op
 
 
 def sparse_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
-    thresholds: torch.Tensor,
+    thresholds: torch.Tensor | None,
     segment_ends: Sequence[int],
     bias: torch.Tensor | None = None,
     vectorized: bool | None = None,
 ) -> torch.Tensor:
     """`y[:, seg_i] = bias[seg_i] + S_{t_i}(x) @ weight_t[:, seg_i]` on CPU tensors, float32 sums, x's dtype.
 
-    x `[T, in]` contiguous; weight_t `[in, out]` contiguous in x's dtype; thresholds float32 `[n_seg]` (zeros
-    for an already thresholded x). vectorized: None picks AVX-512 where the CPU has it; False forces the
-    portable loop, which gives the same bits (the tests compare them).
+    x `[T, in]`; weight_t `[in, out]` contiguous in x's dtype; thresholds float32 `[n_seg]`, or None when x is
+    already thresholded (its zeros are the dropped inputs). vectorized: None picks AVX-512 where the CPU has it;
+    False forces the portable loop, which gives the same bits (the tests compare them). Called once per linear
+    layer and token batch, so it is kept to one call into C++.
     """
-    load_extension()
-    return torch.ops.spon_cpu.sparse_linear(x, weight_t, thresholds, list(segment_ends), bias, vectorized)
+    return (_op or load_extension())(x, weight_t, thresholds, segment_ends, bias, vectorized)

@@ -305,34 +305,38 @@ void run_group(const T* x, int64_t tokens, int64_t in, const T* w, int64_t ldw, 
 }
 
 // Adjacent segments with one threshold form one group: one packing pass over x and one product for all of them.
+// No thresholds: x is already thresholded, its zeros are the dropped inputs (threshold 0 for every segment).
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& weight_t, const float* t, c10::IntArrayRef segment_ends,
          const at::Tensor& b, at::Tensor& y, bool vectorized) {
   const int64_t out = weight_t.size(1);
   int64_t start = 0;
   for (size_t i = 0; i < segment_ends.size();) {
-    size_t j = i + 1;
+    size_t j = t == nullptr ? segment_ends.size() : i + 1;
     while (j < segment_ends.size() && t[j] == t[i]) ++j;
     const int64_t end = segment_ends[j - 1];
-    run_group(x.data_ptr<T>(), x.size(0), x.size(1), weight_t.data_ptr<T>(), out,
-              b.defined() ? b.data_ptr<float>() : nullptr, t[i], start, end, y.data_ptr<float>(), out, vectorized);
+    const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
+    run_group(x.data_ptr<T>(), x.size(0), x.size(1), weight_t.data_ptr<T>(), out, bias, t == nullptr ? 0.0f : t[i],
+              start, end, y.data_ptr<float>(), out, vectorized);
     start = end;
     i = j;
   }
 }
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& thresholds,
-                         c10::IntArrayRef segment_ends, const std::optional<at::Tensor>& bias,
-                         std::optional<bool> vectorize) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
+at::Tensor sparse_linear(const at::Tensor& x_in, const at::Tensor& weight_t,
+                         const std::optional<at::Tensor>& thresholds, c10::IntArrayRef segment_ends,
+                         const std::optional<at::Tensor>& bias, std::optional<bool> vectorize) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x must be a 2-D CPU tensor");
+  const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous() && weight_t.scalar_type() == x.scalar_type(),
               "weight_t must be a contiguous [in, out] tensor of x's dtype");
   TORCH_CHECK(weight_t.size(0) == x.size(1), "x has ", x.size(1), " features, weight_t ", weight_t.size(0), " rows");
   const int64_t out = weight_t.size(1);
-  TORCH_CHECK(thresholds.scalar_type() == at::kFloat && thresholds.is_contiguous() &&
-                  thresholds.numel() == static_cast<int64_t>(segment_ends.size()) && !segment_ends.empty() &&
-                  segment_ends.back() == out,
-              "thresholds must be float32, one per segment, and the last segment end the output size");
+  TORCH_CHECK(!segment_ends.empty() && segment_ends.back() == out, "the last segment end must be the output size");
+  TORCH_CHECK(!thresholds.has_value() ||
+                  (thresholds->scalar_type() == at::kFloat && thresholds->is_contiguous() &&
+                   thresholds->numel() == static_cast<int64_t>(segment_ends.size())),
+              "thresholds must be float32, one per segment");
 #if defined(__x86_64__)
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
@@ -344,7 +348,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const 
   TORCH_CHECK(!b.defined() || b.numel() == out, "bias must have ", out, " elements");
   at::Tensor y = at::empty({x.size(0), out}, x.options().dtype(at::kFloat));
   if (x.size(0) == 0) return y.to(x.scalar_type());
-  const float* t = thresholds.data_ptr<float>();
+  const float* t = thresholds.has_value() ? thresholds->data_ptr<float>() : nullptr;
   switch (x.scalar_type()) {
     case at::kFloat: run<float>(x, weight_t, t, segment_ends, b, y, vectorized); break;
     case at::kBFloat16: run<c10::BFloat16>(x, weight_t, t, segment_ends, b, y, vectorized); break;
@@ -357,7 +361,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const 
 }  // namespace
 
 TORCH_LIBRARY(spon_cpu, m) {
-  m.def("sparse_linear(Tensor x, Tensor weight_t, Tensor thresholds, int[] segment_ends, Tensor? bias, "
+  m.def("sparse_linear(Tensor x, Tensor weight_t, Tensor? thresholds, int[] segment_ends, Tensor? bias, "
         "bool? vectorized=None) -> Tensor");
 }
 
