@@ -4,11 +4,14 @@
 #   bash scripts/gpu_e2e.sh run   WORK OUT ENGINE...   # ENGINE: dense | fp8 | spon40 | spon50 | spon50-fp8
 #   bash scripts/gpu_e2e.sh table WORK OUT             # ratios to dense bf16, all JSONs of WORK in one table
 #   bash scripts/gpu_e2e.sh check OUT                  # greedy tokens of vLLM vs the reference sparse model
-# Every engine of one table must run on the same GPU in one session (ratios, never absolute figures).
+# TP=2 in the environment runs every engine and the token check with tensor parallelism 2 (two GPUs; keep NVLink
+# multicast off as the device notes say). Every engine of one table must run on the same GPUs in one session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/gpu_host_env.sh)"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+# NVLink multicast stays off (it can take a shared host's GPUs out of service): vLLM and NCCL inherit these.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 bench=benchmarks/bench_gpu_e2e.py
 stage=$1
 shift
@@ -26,13 +29,13 @@ case $stage in
         spon*) args=("$work/$engine" --load-format spon) ;;
         *) echo "unknown engine $engine" >&2; exit 2 ;;
       esac
-      python $bench engine "${args[@]}" --json "$work/$engine.json" 2>&1 | tee "$out/$engine.log" \
+      python $bench engine "${args[@]}" --tp "${TP:-1}" --json "$work/$engine.json" 2>&1 | tee "$out/$engine.log" \
         | grep -E "tok/s|TTFT|SPON:|Error|error" || true
       cp "$work/$engine.json" "$out/"
     done ;;
   table)
     python $bench table "$1"/dense.json $(ls "$1"/*.json | grep -v '/dense.json$') | tee "$2/table.md" ;;
   check)
-    python $bench check-tokens --out /tmp/e2e-small 2>&1 | tee "$1/check_tokens.log" | tail -20 ;;
+    python $bench check-tokens --out /tmp/e2e-small --tp "${TP:-1}" 2>&1 | tee "$1/check_tokens.log" | tail -20 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
