@@ -176,3 +176,89 @@ def test_fp8_reference_dequantizes_per_channel_and_per_tensor():
         assert _rel_err(y, (x.float() * (x.float().abs() > 0.5)) @ w) < 0.1  # fp8 rounding only
     with pytest.raises(ValueError, match="per output channel"):
         sparse_linear_fp8_reference(x, w8, torch.ones(3), thr, [8])
+
+
+class _Fp8Layer(torch.nn.Module):
+    """What vLLM's fp8 method leaves on a fused layer: `weight` the `[in, out]` transposed view of its
+    `[out, in]` float8 tensor, `weight_scale` `[out, 1]` (per channel) or `[1]`; plus the SPON parameters."""
+
+    def __init__(self, sizes, thresholds, per_channel, k=48):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        w8, scale = quantize(torch.randn(k, sum(sizes), generator=gen), per_channel)
+        self.weight = torch.nn.Parameter(w8.t().contiguous().t(), requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(scale.reshape(-1, 1) if per_channel else scale, requires_grad=False)
+        self.spon_threshold = torch.nn.Parameter(torch.tensor(thresholds), requires_grad=False)
+        self.spon_bias = torch.nn.Parameter(torch.randn(sum(sizes), generator=gen), requires_grad=False)
+        self.input_size_per_partition, self.output_partition_sizes = k, sizes
+        self.params_dtype, self.prefix = torch.float32, f"model.layers.0.fake{id(self)}"
+
+
+class Fp8FakeLinearMethod:
+    """Stands for vLLM's fp8 method: a dense matmul on the dequantized weight (activations unquantized)."""
+
+    block_quant = use_marlin = False
+
+    def apply(self, layer, x, bias=None):
+        y = x.float() @ (layer.weight.float() * layer.weight_scale.reshape(1, -1))
+        return (y if bias is None else y + bias).to(x.dtype)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_plugin_reads_vllm_fp8_layout(per_channel):
+    from vllm_spon.linear_method import fp8_weight_rows
+
+    layer = _Fp8Layer([24, 8], [0.5, 0.5], per_channel)
+    weight_t, scale = fp8_weight_rows(layer)
+    assert weight_t.is_contiguous() and torch.equal(weight_t.float(), layer.weight.float())
+    assert scale.shape == ((32,) if per_channel else (1,)) and scale.dtype == torch.float32
+    layer.weight_scale = torch.nn.Parameter(torch.ones(2, 3), requires_grad=False)  # block scales
+    assert fp8_weight_rows(layer) is None
+    layer.weight = torch.nn.Parameter(torch.zeros(48, 32, dtype=torch.int32), requires_grad=False)  # packed
+    assert fp8_weight_rows(layer) is None
+
+
+def test_plugin_picks_fp8_method_only_where_the_table_has_a_kernel(monkeypatch):
+    from vllm_spon import linear_method as lm
+
+    layer = _Fp8Layer([24, 8], [0.5, 0.5], True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert lm._method_class(Fp8FakeLinearMethod(), layer, cpu) is lm.SponQuantizedLinearMethod
+    monkeypatch.setattr(lm.kernels, "has_triton_cuda", lambda: True)
+    monkeypatch.setattr(lm.configs, "select", lambda k, n, tokens, *a, fp8=False: None)  # no fp8 entry
+    assert lm._method_class(Fp8FakeLinearMethod(), layer, cuda) is lm.SponQuantizedLinearMethod
+    rows = lm.configs.Config("rows", bn=32, bm=16)
+    monkeypatch.setattr(lm.configs, "select", lambda k, n, tokens, *a, fp8=False: rows if tokens == 1 else None)
+    assert lm._method_class(Fp8FakeLinearMethod(), layer, cuda) is lm.SponFp8LinearMethod
+    block = Fp8FakeLinearMethod()
+    block.block_quant = True
+    assert lm._method_class(block, layer, cuda) is lm.SponQuantizedLinearMethod
+    awq = type("AWQLinearMethod", (), {})()
+    assert lm._method_class(awq, layer, cuda) is lm.SponQuantizedLinearMethod
+
+
+@pytest.mark.parametrize("thresholds", [[0.5, 0.5, 0.5], [0.5, 0.2, 0.9]])
+def test_fp8_method_kernel_and_inner_paths_agree(thresholds, monkeypatch):
+    """Through `torch.ops.spon.fp8_linear`: on the CPU every token count takes the inner (vLLM) path; with the
+    kernel entry standing in (the fp8 reference on the method's own row-major copy, fused bias, thresholds
+    and segments), the result is the same."""
+    from vllm_spon import linear_method as lm
+
+    layer = _Fp8Layer([24, 8, 16], thresholds, per_channel=True)
+    dense = lm.SponQuantizedLinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
+    method = lm.SponFp8LinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
+    dense.finalize(layer)
+    method.finalize(layer)
+    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(1))
+    layer_bias = torch.randn(48)
+    want = dense.apply(layer, x, layer_bias)
+    torch.testing.assert_close(method.apply(layer, x, layer_bias), want)
+
+    def kernel(x, weight_t, scale, thresholds, ends, bias, dense):
+        assert weight_t.is_contiguous() and weight_t.dtype == FP8_DTYPE
+        return sparse_linear_fp8_reference(x, weight_t, scale, thresholds, list(ends), bias)
+
+    monkeypatch.setattr(lm, "sparse_linear_fp8", kernel)
+    torch.testing.assert_close(method.apply(layer, x, layer_bias), want, atol=1e-5, rtol=1e-5)
+    y = torch.compile(lambda x: method.apply(layer, x, layer_bias), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)  # the op traces through its fake

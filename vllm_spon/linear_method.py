@@ -1,8 +1,11 @@
 """SPON linear methods: threshold the input of a vLLM linear layer and add its fused SPON bias.
 
 Each method wraps the layer's own vLLM method (`UnquantizedLinearMethod`, an fp8 method, ...), so weight
-creation, loading and quantization stay vLLM's. A fused layer (`qkv_proj`, `gate_up_proj`) has one output
-segment per Hugging Face module it fuses, each with its own threshold.
+creation, loading and quantization stay vLLM's. The start-up summary names the path by the method's class:
+`SponDenseLinearMethod` (sparse kernels), `SponFp8LinearMethod` (sparse fp8 kernel for decode, vLLM's fp8
+matmul otherwise), `SponQuantizedLinearMethod` (vLLM's quantized matmul on the thresholded input).
+A fused layer (`qkv_proj`, `gate_up_proj`) has one output segment per Hugging Face module it fuses, each with
+its own threshold.
 
 The per-layer SPON tensors are parameters of the layer, loaded by vLLM's weight loading with the layer's own
 `weight_loader`, so name mapping (`q_proj` -> `qkv_proj` shard `q`) and tensor-parallel sharding are vLLM's:
@@ -11,6 +14,7 @@ The per-layer SPON tensors are parameters of the layer, loaded by vLLM's weight 
 """
 
 import itertools
+import logging
 import math
 
 import torch
@@ -22,10 +26,14 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_spon import kernels, ops  # noqa: F401  (ops registers torch.ops.spon.sparse_linear)
-from vllm_spon.kernels import cpu
+from vllm_spon.kernels import configs, cpu
+from vllm_spon.kernels.fp8 import FP8_DTYPE, sparse_linear_fp8
 from vllm_spon.kernels.reference import sparsify
+
+logger = logging.getLogger(__name__)
 
 THRESHOLD_PARAM = "spon_threshold"
 BIAS_PARAM = "spon_bias"
@@ -123,6 +131,10 @@ class SponQuantizedLinearMethod(SponLinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.apply_inner(layer, x, bias)
+
+    def apply_inner(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """vLLM's quantized matmul, once per distinct threshold, on the thresholded x; plus the SPON bias."""
         outputs = [
             self.inner.apply(layer, sparsify(x, layer.spon_threshold[row]), bias)
             for row in self.threshold_rows
@@ -136,13 +148,102 @@ class SponQuantizedLinearMethod(SponLinearMethod):
         return y
 
 
+class SponFp8LinearMethod(SponQuantizedLinearMethod):
+    """vLLM's fp8 weights (per-tensor or per-channel scale) on a GPU whose fp8 table (kernels/configs.py) sends
+    this layer's shape to the sparse kernel at some decode token count.
+
+    Those token counts take `sparse_linear_fp8` (only the kept fp8 rows read, 16-bit x, fp32 sums, the scale
+    after accumulation); the others (prefill) vLLM's own fp8 matmul as in `SponQuantizedLinearMethod`. The
+    choice is made inside `torch.ops.spon.fp8_linear` from the token count, like `spon.sparse_linear`.
+    Memory: the kernel reads rows of W^T (`[in, out]` row-major) while vLLM's cutlass / `_scaled_mm` need the
+    other order (K contiguous for both operands of an fp8 tensor-core product), so such a layer keeps a
+    second fp8 copy, one byte per weight: for Llama-3-8B with every linear on this path, about 7.0 GB.
+    """
+
+    def finalize(self, layer: torch.nn.Module) -> None:
+        super().finalize(layer)
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = fp8_weight_rows(layer)
+        if self.rows is None:
+            scale = getattr(layer, "weight_scale", None)
+            logger.warning("%s: fp8 weight layout not usable by the sparse kernel (%s %s, scale %s): vLLM's "
+                           "fp8 matmul for every batch", getattr(layer, "prefix", ""), layer.weight.dtype,
+                           list(layer.weight.shape), None if scale is None else list(scale.shape))  # fmt: skip
+            return
+        self.name = getattr(layer, "prefix", "") or f"layer{id(layer)}"
+        _FP8_LAYERS[self.name] = (self, layer)
+        kernels.prepare(layer.weight.device, self.segment_ends[-1])
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.rows is None:
+            return self.apply_inner(layer, x, bias)
+        y = torch.ops.spon.fp8_linear(x.reshape(-1, x.shape[-1]), bias, self.name)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def decode_or_inner(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The body of `torch.ops.spon.fp8_linear` for x `[T, in]`."""
+        weight_t, scale = self.rows
+        fused = layer.spon_bias if self.adds_bias else None
+        fused = bias if fused is None else fused if bias is None else bias + fused
+        return sparse_linear_fp8(x, weight_t, scale, layer.spon_threshold, self.segment_ends, fused,
+                                 dense=lambda x: self.apply_inner(layer, x, bias))  # fmt: skip
+
+
+def fp8_weight_rows(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W^T `[in, out]` row-major float8, float32 scale `[1]` or `[out]`) from a layer vLLM's fp8 method has
+    processed, or None where the layout is not one the kernel reads (block scales, Marlin packing, ...).
+
+    vLLM keeps `layer.weight` as the `[in, out]` operand of `x @ weight` (a transposed view of its `[out, in]`
+    tensor for cutlass) and `weight_scale` per tensor (`[1]`) or per output channel (`[out, 1]`)."""
+    k, n = layer.input_size_per_partition, sum(layer.output_partition_sizes)
+    weight, scale = layer.weight, getattr(layer, "weight_scale", None)
+    if weight.dtype != FP8_DTYPE or tuple(weight.shape) != (k, n) or scale is None or scale.numel() not in (1, n):
+        return None
+    return weight.contiguous(), scale.detach().float().reshape(-1).contiguous()
+
+
+_FP8_LAYERS: dict[str, tuple[SponFp8LinearMethod, torch.nn.Module]] = {}
+
+
+def _fp8_linear(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str) -> torch.Tensor:
+    method, layer = _FP8_LAYERS[layer_name]
+    return method.decode_or_inner(layer, x, bias)
+
+
+def _fp8_linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str) -> torch.Tensor:
+    method, _ = _FP8_LAYERS[layer_name]
+    return x.new_empty((x.shape[0], method.segment_ends[-1]))
+
+
+_LIBRARY = torch.library.Library("spon", "FRAGMENT")  # kept alive for as long as the op is used
+if not hasattr(torch.ops.spon, "fp8_linear"):
+    direct_register_custom_op("fp8_linear", _fp8_linear, fake_impl=_fp8_linear_fake, target_lib=_LIBRARY)
+
+
+def _method_class(inner: LinearMethodBase, layer: LinearBase, device: torch.device) -> type[SponLinearMethod]:
+    if isinstance(inner, UnquantizedLinearMethod):
+        return SponDenseLinearMethod
+    if fp8_kernel_selected(inner, layer, device):
+        return SponFp8LinearMethod
+    return SponQuantizedLinearMethod
+
+
+def fp8_kernel_selected(inner: LinearMethodBase, layer: LinearBase, device: torch.device) -> bool:
+    """Whether `layer` takes the sparse fp8 kernel at some decode token count: vLLM's fp8 method (neither
+    block-quantized nor Marlin-packed) on a CUDA GPU whose measured fp8 table has a kernel for its shape."""
+    if device.type != "cuda" or not kernels.has_triton_cuda() or not type(inner).__name__.startswith("Fp8"):
+        return False
+    if getattr(inner, "block_quant", False) or getattr(inner, "use_marlin", False):
+        return False
+    k, n = layer.input_size_per_partition, sum(layer.output_partition_sizes)
+    return any(configs.select(k, n, b, layer.params_dtype, device, fp8=True) for b in configs.TOKEN_BUCKETS)
+
+
 def install_spon_method(layer: LinearBase, has_bias: bool, device: torch.device) -> SponLinearMethod:
     """Wrap `layer.quant_method` and register the layer's SPON parameters (NaN until loaded)."""
     inner = layer.quant_method
-    method_cls = (
-        SponDenseLinearMethod if isinstance(inner, UnquantizedLinearMethod) else SponQuantizedLinearMethod
-    )
-    method = method_cls(inner, layer, has_bias)
+    method = _method_class(inner, layer, device)(inner, layer, has_bias)
     threshold = Parameter(
         torch.full((len(method.segment_ends),), math.nan, dtype=torch.float32, device=device),
         requires_grad=False,
