@@ -383,6 +383,6 @@ def test_eval_json_inspect_and_plot_label_their_measurements(capsys, tiny_model,
     assert code == 0 and "achieved_sparsity" not in report  # ambiguous: calibration tokens or these windows?
     assert report["calibration_achieved_sparsity"] == load_checkpoint(checkpoint).config.achieved_sparsity
     assert report["measured_on"] == "1 x 32 tokens of builtin:persuasion" and 0 <= report["spon_sparsity"] <= 1
-    assert "without the biases" in report["teal_thresholds"]
+    assert "thresholds" in report["teal_thresholds"]  # says which thresholds TEAL ran with
     assert main(["inspect", str(checkpoint)]) == 0
     assert "achieved 0.500 on calibration tokens" in capsys.readouterr().out
