@@ -34,7 +34,7 @@ def gpu_slug(device_name: str) -> str:
 @cache
 def table_for(device_name: str, fp8: bool = False) -> dict[tuple[int, int, int], Config | None]:
     """The tuned table of a GPU model, or DEFAULT_GPU's when it has none. fp8: the table for float8 weights
-    (`TUNED_FP8`, written by `bench_kernels.py --fp8 --tune`), empty where none was measured."""
+    (`TUNED_FP8`, from `bench_kernels.py --fp8`), empty where none was measured."""
     try:
         module = importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__)
     except ModuleNotFoundError:
