@@ -376,7 +376,7 @@ def test_every_option_is_described_with_its_default(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"vllm-spon {__version__}"
 
 
-def test_eval_json_inspect_and_plot_label_their_measurements(capsys, tiny_model, tmp_path):
+def test_eval_json_and_inspect_label_their_measurements(capsys, tiny_model, tmp_path):
     checkpoint = tiny_checkpoint(tiny_model, tmp_path / "ckpt")
     code = main(["eval", str(checkpoint), "--windows", "1", "--window", "32", "--json"])
     report = json.loads(capsys.readouterr().out)
