@@ -113,8 +113,15 @@ class CalibrationInfo(_Strict):
     seconds: float = Field(ge=0)
 
 
+# Sparsities (achieved on the same windows) within which TEAL and SPON are compared: beyond it a method's
+# perplexity differs by how much it drops, not by how well it recovers.
+MATCHED_SPARSITY = 0.01
+
+
 class PerplexityReport(_Strict):
-    """Perplexities measured at calibration time on held-out text (same windows for all three)."""
+    """Dense, TEAL and SPON perplexity on the same held-out windows: TEAL with its own thresholds and no
+    biases, SPON with the checkpoint's thresholds and biases (`evaluate.compare_methods` measures it, for
+    calibration's check, `eval`, its plot and the benchmarks alike)."""
 
     data: str
     num_windows: int = Field(gt=0)
@@ -124,6 +131,26 @@ class PerplexityReport(_Strict):
     spon: float = Field(gt=0)
     teal_sparsity: float = Field(ge=0, le=1)
     spon_sparsity: float = Field(ge=0, le=1)
+
+    @property
+    def matched(self) -> bool:
+        return abs(self.teal_sparsity - self.spon_sparsity) <= MATCHED_SPARSITY
+
+    @property
+    def gap_recovered(self) -> float | None:
+        """(TEAL - SPON) / (TEAL - dense), only at matched sparsity and with a gap to recover."""
+        gap = self.teal - self.dense
+        return (self.teal - self.spon) / gap if self.matched and gap > 0 else None
+
+    def gap_note(self) -> str:
+        """Why `gap_recovered` is what it is, in words for the user."""
+        if not self.matched:
+            return (f"not reported: TEAL ran at sparsity {self.teal_sparsity:.3f} and SPON at "
+                    f"{self.spon_sparsity:.3f} on these windows, more than {MATCHED_SPARSITY} apart")
+        if self.teal <= self.dense:
+            return "not reported: TEAL is no worse than dense here, there is no gap to recover"
+        return (f"at matched sparsity (TEAL {self.teal_sparsity:.3f}, SPON {self.spon_sparsity:.3f}): "
+                "(TEAL - SPON) / (TEAL - dense)")
 
 
 class SponConfig(_Strict):
@@ -141,6 +168,11 @@ class SponConfig(_Strict):
     achieved_sparsity: float = Field(ge=0, le=1, description="parameter-weighted, on calibration tokens")
     projections: Projections = Field(description="which projections of every block are sparsified")
     thresholds: dict[str, float] = Field(description="module name -> threshold (a copy of the tensors)")
+    teal_thresholds: dict[str, float] | None = Field(
+        default=None,
+        description="module name -> TEAL's own threshold, fitted for TEAL before SPON training: the baseline "
+        "`eval` compares SPON against at matched sparsity (None in hand-made checkpoints)",
+    )
     module_sparsity: dict[str, float] = Field(description="module name -> sparsity on calibration tokens")
     calibration: CalibrationInfo
     perplexity: PerplexityReport | None = None
@@ -157,10 +189,10 @@ class SponConfig(_Strict):
             )
         return v
 
-    @field_validator("thresholds")
+    @field_validator("thresholds", "teal_thresholds")
     @classmethod
-    def _finite_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: t for k, t in v.items() if not (math.isfinite(t) and t >= 0)}
+    def _finite_non_negative(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: t for k, t in (v or {}).items() if not (math.isfinite(t) and t >= 0)}
         if bad:
             raise ValueError(f"thresholds must be finite and >= 0: {bad}")
         return v
@@ -169,6 +201,13 @@ class SponConfig(_Strict):
     def _bias_space_matches_method(self) -> "SponConfig":
         if (self.method == "spon") != (self.bias_space is not None):
             raise ValueError("bias_space is required for method 'spon' and must be null for method 'teal'")
+        return self
+
+    @model_validator(mode="after")
+    def _teal_thresholds_cover_the_modules(self) -> "SponConfig":
+        if self.teal_thresholds is not None and set(self.teal_thresholds) != set(self.thresholds):
+            odd = sorted(set(self.teal_thresholds) ^ set(self.thresholds))
+            raise ValueError(f"teal_thresholds and thresholds name different modules (e.g. {odd[0]})")
         return self
 
 

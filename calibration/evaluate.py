@@ -1,4 +1,9 @@
-"""Perplexity of the dense, TEAL and SPON variants of one model on the same token windows."""
+"""Perplexity of the dense, TEAL and SPON variants of one model on the same token windows.
+
+`compare_methods` is the one measurement behind calibration's held-out check, `vllm-spon eval`, its plot and
+the accuracy benchmark: TEAL runs with its own thresholds (fitted for it), SPON with its thresholds and fused
+biases, and the fraction of the gap recovered is reported only when both ran at matched sparsity.
+"""
 
 import math
 from pathlib import Path
@@ -8,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from vllm_spon.calibration.checkpoint import load_checkpoint, read_config
+from vllm_spon.calibration.checkpoint import PerplexityReport, SponConfig, load_checkpoint, read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
 from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
@@ -52,42 +57,73 @@ class EvalArgs(BaseModel):
     device: Device = Field(default="auto", description="auto (a GPU if any), cpu, cuda or cuda:N")
 
 
-def evaluate(args: EvalArgs) -> dict:
-    """Dense, TEAL and SPON perplexity of a checkpoint on the same windows, plus achieved sparsity."""
+def compare_methods(
+    model: SparseModel,
+    windows: torch.Tensor,
+    data: str,
+    teal_thresholds: dict[str, float],
+    thresholds: dict[str, float],
+    method_mode: Mode = "spon",
+) -> PerplexityReport:
+    """Dense, TEAL (`teal_thresholds`, no biases) and the checkpoint's method (`thresholds`, plus the model's
+    fused biases in mode spon) on the same windows, with the sparsity each achieved there. Leaves the model
+    with `thresholds`."""
+    model.set_thresholds(teal_thresholds)
+    dense = perplexity(model, windows, "dense")
+    teal = perplexity(model, windows, "teal")
+    teal_sparsity, _ = measure_sparsity(model, windows, "teal")
+    model.set_thresholds(thresholds)
+    spon = perplexity(model, windows, method_mode)
+    spon_sparsity, _ = measure_sparsity(model, windows, method_mode)
+    return PerplexityReport(data=data, num_windows=windows.shape[0], window=windows.shape[1], dense=dense, teal=teal,
+                            spon=spon, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity)
+
+
+def teal_baseline(config: SponConfig) -> tuple[dict[str, float], str]:
+    """TEAL's thresholds for a checkpoint and what they are: its own where calibration recorded them."""
+    if config.teal_thresholds is not None:
+        return config.teal_thresholds, "TEAL's own, fitted for TEAL before SPON training (spon/config.json)"
+    return config.thresholds, ("the checkpoint's thresholds without its biases: it records no TEAL thresholds of "
+                               "its own (hand-made, or written before vllm-spon recorded them)")
+
+
+def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
+    """Dense, TEAL and SPON perplexity of a checkpoint on the same windows (`compare_methods`), and the JSON
+    `vllm-spon eval` prints."""
     checkpoint = load_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
+    config = checkpoint.config
     windows = token_windows(load_tokenizer(args.checkpoint), load_text(args.data), args.window, args.windows,
                             source=f"--data {args.data}")
-    sparse = SparseModel(load_hf_model(args.checkpoint, device=device), checkpoint.config.projections)
+    sparse = SparseModel(load_hf_model(args.checkpoint, device=resolve_device(args.device)), config.projections)
     sparse.apply_checkpoint(checkpoint)
-    dense = perplexity(sparse, windows, "dense")
-    teal = perplexity(sparse, windows, "teal")
-    teal_sparsity, _ = measure_sparsity(sparse, windows, "teal")
-    spon = perplexity(sparse, windows, "spon") if checkpoint.biases else teal
-    spon_sparsity, _ = measure_sparsity(sparse, windows, "spon")
-    gap = teal - dense
-    return {
+    teal_thresholds, teal_label = teal_baseline(config)
+    report = compare_methods(sparse, windows, args.data, teal_thresholds, config.thresholds,
+                             "spon" if checkpoint.biases else "teal")
+    recovered = report.gap_recovered
+    return report, {
         "checkpoint": str(args.checkpoint),
-        "method": checkpoint.config.method,
+        "method": config.method,
         "data": args.data,
         "windows": args.windows,
         "window": args.window,
-        # Measured here, on these windows; `inspect` and the plot show the calibration-time numbers.
+        # Measured here, on these windows; `inspect` shows calibration's check on its own windows.
         "measured_on": f"{args.windows} x {args.window} tokens of {args.data}",
-        "teal_thresholds": "the checkpoint's own (refitted with the SPON biases), without the biases",
-        "target_sparsity": checkpoint.config.target_sparsity,
-        "calibration_achieved_sparsity": checkpoint.config.achieved_sparsity,
-        "spon_sparsity": round(spon_sparsity, 4),
-        "teal_sparsity": round(teal_sparsity, 4),
-        "dense_ppl": round(dense, 3),
-        "teal_ppl": round(teal, 3),
-        "spon_ppl": round(spon, 3),
-        "gap_recovered": round((teal - spon) / gap, 4) if gap > 0 else None,
+        "teal_thresholds": teal_label,
+        "target_sparsity": config.target_sparsity,
+        "calibration_achieved_sparsity": config.achieved_sparsity,
+        "spon_sparsity": round(report.spon_sparsity, 4),
+        "teal_sparsity": round(report.teal_sparsity, 4),
+        "dense_ppl": round(report.dense, 3),
+        "teal_ppl": round(report.teal, 3),
+        "spon_ppl": round(report.spon, 3),
+        "gap_recovered": None if recovered is None else round(recovered, 4),
+        "gap_recovered_note": report.gap_note(),
     }
 
 
-def plot_checkpoint(checkpoint_dir: Path, output: Path) -> Path:
-    """PNG of per-layer thresholds and calibration sparsity, one line per projection."""
+def plot_checkpoint(checkpoint_dir: Path, output: Path, measured: PerplexityReport | None = None) -> Path:
+    """PNG of per-layer thresholds and calibration sparsity, one line per projection; the title carries
+    `measured` (eval's own measurement) or else calibration's held-out check, labelled as such."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,9 +143,13 @@ def plot_checkpoint(checkpoint_dir: Path, output: Path) -> Path:
     ax_t.legend(fontsize=8)
     title = (f"{config.method.upper()} target {config.target_sparsity:.2f}, "
              f"achieved {config.achieved_sparsity:.3f} on calibration tokens")
-    if config.perplexity:
-        p = config.perplexity
-        title += f"\nheld-out ppl at calibration: dense {p.dense:.1f} / TEAL {p.teal:.1f} / SPON {p.spon:.1f}"
+    report, source = (measured, "eval") if measured else (config.perplexity, "calibration's check")
+    if report:
+        recovered = report.gap_recovered
+        title += (f"\n{source}, {report.num_windows} x {report.window} tokens of {report.data}: ppl dense "
+                  f"{report.dense:.2f} / TEAL {report.teal:.2f} ({report.teal_sparsity:.3f}) / SPON {report.spon:.2f} "
+                  f"({report.spon_sparsity:.3f})"
+                  + (f", {recovered:.0%} of the gap recovered" if recovered is not None else ", sparsity not matched"))
     fig.suptitle(title)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from vllm_spon.calibration.data import (
     token_windows,
 )
 from vllm_spon.calibration.devices import Device, resolve_device
-from vllm_spon.calibration.evaluate import measure_sparsity, perplexity
+from vllm_spon.calibration.evaluate import compare_methods, measure_sparsity
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.calibration.spon_training import TrainConfig, TrainingError, train_spon
 from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
@@ -151,11 +151,7 @@ def calibrate(args: CalibrationArgs) -> Path:
         module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
     thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,
                                 seed=args.seed, log=logger.info)
-    report = None
-    if eval_windows is not None:
-        dense_ppl = perplexity(sparse, eval_windows, "dense")
-        teal_ppl = perplexity(sparse, eval_windows, "teal")
-        teal_sparsity, _ = measure_sparsity(sparse, eval_windows, "teal")
+    teal_thresholds = dict(thresholds)  # TEAL's own: the baseline SPON is measured against
 
     if args.method == "spon":
         train_spon(sparse, train_windows,
@@ -170,15 +166,13 @@ def calibrate(args: CalibrationArgs) -> Path:
                                         log=logger.info)
     mode = "spon" if args.method == "spon" else "teal"
     achieved, per_module = measure_sparsity(sparse, stats_windows, mode)
+    report = None
     if eval_windows is not None:
-        spon_ppl = perplexity(sparse, eval_windows, mode)
-        spon_sparsity, _ = measure_sparsity(sparse, eval_windows, mode)
-        report = PerplexityReport(
-            data=args.eval_data, num_windows=args.eval_windows, window=args.eval_window, dense=dense_ppl,
-            teal=teal_ppl, spon=spon_ppl, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity,
-        )
-        logger.info(f"held-out perplexity ({args.eval_data}): dense {dense_ppl:.2f}, TEAL {teal_ppl:.2f} "
-                    f"(sparsity {teal_sparsity:.3f}), {mode.upper()} {spon_ppl:.2f} (sparsity {spon_sparsity:.3f})")
+        report = compare_methods(sparse, eval_windows, args.eval_data, teal_thresholds, thresholds, mode)
+        logger.info(f"held-out perplexity ({args.eval_data}): dense {report.dense:.2f}, TEAL {report.teal:.2f} "
+                    f"(sparsity {report.teal_sparsity:.3f}), {mode.upper()} {report.spon:.2f} (sparsity "
+                    f"{report.spon_sparsity:.3f}); gap recovered: "
+                    + (f"{report.gap_recovered:.0%}" if report.gap_recovered is not None else report.gap_note()))
         if args.method == "spon":
             check_held_out(report, args.lr, args.steps)
 
@@ -192,6 +186,7 @@ def calibrate(args: CalibrationArgs) -> Path:
         achieved_sparsity=achieved,
         projections=sparse.projections,
         thresholds=thresholds,
+        teal_thresholds=teal_thresholds,
         module_sparsity=per_module,
         calibration=CalibrationInfo(
             data=args.data, num_tokens=stats_windows.numel(), window=args.window,

@@ -45,9 +45,9 @@ def _eval(ns: argparse.Namespace) -> None:
     args = EvalArgs(**_model_fields(ns, EvalArgs))
     if ns.plot:
         writable_folder(ns.plot, "--plot")  # before the perplexities, not after
-    result = evaluate(args)
+    report, result = evaluate(args)
     if ns.plot:
-        plot_checkpoint(ns.checkpoint, ns.plot)
+        plot_checkpoint(ns.checkpoint, ns.plot, measured=report)
         result["plot"] = str(ns.plot)
     if ns.json:
         print(json.dumps(result, indent=2))
