@@ -104,28 +104,31 @@ def decode_rate(llm, prompts: list[list[int]], new_tokens: int, repeats: int) ->
 
 
 def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, quantization: str | None = None,
-               repeats: int = 3) -> dict:
+               repeats: int = 3, engine_args: dict | None = None, batches: tuple[int, ...] = BATCHES,
+               decode_tokens: int = DECODE_TOKENS, prefill_tokens: int = PREFILL_TOKENS) -> dict:
+    """Decode tokens/s per batch size and time to first token of one engine; `engine_args` override the GPU
+    settings (the CPU build's test runs this with its own dtype and memory fraction)."""
     from vllm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(model, load_format=load_format, dtype="bfloat16", max_model_len=4096, max_num_seqs=64,
-              gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=tensor_parallel_size,
-              quantization=quantization)
+    settings = dict(dtype="bfloat16", max_model_len=4096, max_num_seqs=64, gpu_memory_utilization=0.85, seed=0)
+    llm = LLM(model, load_format=load_format, tensor_parallel_size=tensor_parallel_size, quantization=quantization,
+              **{**settings, **(engine_args or {})})
     result: dict = {"model": model, "load_format": load_format, "tensor_parallel_size": tensor_parallel_size,
                     "quantization": quantization, "startup_s": time.perf_counter() - t0, "decode_tok_s": {},
                     "ttft_ms": None}
     gen = torch.Generator().manual_seed(0)
-    for batch in BATCHES:
+    for batch in batches:
         prompts = [torch.randint(2, 512, (32,), generator=gen).tolist() for _ in range(batch)]
-        result["decode_tok_s"][batch] = decode_rate(llm, prompts, DECODE_TOKENS, repeats)
+        result["decode_tok_s"][batch] = decode_rate(llm, prompts, decode_tokens, repeats)
         print(f"{load_format} batch {batch}: {result['decode_tok_s'][batch]:.1f} tok/s", flush=True)
 
     def long_prompt() -> list[list[int]]:  # a fresh prompt every time: no prefix-cache hits
-        return [torch.randint(2, 512, (PREFILL_TOKENS,), generator=gen).tolist()]
+        return [torch.randint(2, 512, (prefill_tokens,), generator=gen).tolist()]
 
     timed_generate(llm, long_prompt(), 1)
     result["ttft_ms"] = statistics.median(timed_generate(llm, long_prompt(), 1) * 1e3 for _ in range(5))
-    print(f"{load_format} TTFT ({PREFILL_TOKENS} tokens): {result['ttft_ms']:.1f} ms", flush=True)
+    print(f"{load_format} TTFT ({prefill_tokens} tokens): {result['ttft_ms']:.1f} ms", flush=True)
     return result
 
 
@@ -208,6 +211,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--quantization", help="vLLM weight quantization, e.g. fp8 (default: none, bf16 weights)")
+    p.add_argument("--engine-args", type=json.loads, default={}, help="JSON of LLM(...) settings to override")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes")
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, help="prompt length of the TTFT run")
     p = sub.add_parser("table")
     p.add_argument("json", type=Path, nargs="+")
     p = sub.add_parser("check-tokens")
@@ -218,7 +225,10 @@ def main() -> None:
         shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
         make_models(ns.out, shape, [float(s) for s in ns.sparsities.split(",")], torch.bfloat16, seed=0)
     elif ns.cmd == "engine":
-        ns.json.write_text(json.dumps(run_engine(ns.model, ns.load_format, ns.tp, ns.quantization), indent=1))
+        result = run_engine(ns.model, ns.load_format, ns.tp, ns.quantization, engine_args=ns.engine_args,
+                            batches=tuple(int(b) for b in ns.batches.split(",")), decode_tokens=ns.decode_tokens,
+                            prefill_tokens=ns.prefill_tokens)
+        ns.json.write_text(json.dumps(result, indent=1))
     elif ns.cmd == "table":
         print(table(ns.json))
     else:

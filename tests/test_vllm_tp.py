@@ -2,9 +2,16 @@
 SPON tensors (thresholds per segment everywhere, column-parallel biases split, row-parallel biases whole
 and added on rank 0 only)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import ROOT
 from tests.plugin_helpers import engine, expected_state, generate_tokens, spon_state
+from vllm_spon.server import CPU_ENGINE_ARGS, CPU_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -34,3 +41,21 @@ def test_tp2_gives_the_tokens_of_tp1(even_heads_spon_checkpoint, spon_reference_
     for rank, state in enumerate(states):
         got = {name: {k: v for k, v in s.items() if k != "method"} for name, s in state.items()}
         assert got == expected_state(str(even_heads_spon_checkpoint), tp_rank=rank, tp_size=2), f"rank {rank}"
+
+
+def test_decode_benchmark_runs_with_tensor_parallel_2(even_heads_spon_checkpoint, tmp_path):
+    """`bench_gpu_e2e.py engine --tp 2` (the two-GPU benchmark's command) on the CPU build, shortened: both
+    ranks load SPON and the run reports decode rates and a time to first token."""
+    result = tmp_path / "tp2.json"
+    engine_args = {**CPU_ENGINE_ARGS, "enforce_eager": True, "max_model_len": 512}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu_e2e.py"), "engine", str(even_heads_spon_checkpoint),
+           "--load-format", "spon", "--tp", "2", "--json", str(result), "--engine-args", json.dumps(engine_args),
+           "--batches", "1,2", "--decode-tokens", "4", "--prefill-tokens", "64"]  # fmt: skip
+    env = {**CPU_ENV, **os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert log.count(f"SPON: {even_heads_spon_checkpoint}") == 2  # one start-up line per rank
+    report = json.loads(result.read_text())
+    assert report["tensor_parallel_size"] == 2 and report["ttft_ms"] > 0
+    assert set(report["decode_tok_s"]) == {"1", "2"} and min(report["decode_tok_s"].values()) > 0
