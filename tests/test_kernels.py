@@ -2,20 +2,15 @@
 interpreter (small shapes), the dispatch and config table, and the CPU torch path. tests/test_kernels_gpu.py
 runs the same kernels compiled, at Llama shapes, on a GPU."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.interpreter import INTERPRETER, interpreted, rerun_in_interpreter
 from vllm_spon.kernels import sparse_linear, sparse_linear_reference, sparsify
 
-# Triton picks its CPU interpreter when kernels (its own library's too) are decorated, at import: so the
-# kernel tests run in a fresh `TRITON_INTERPRET=1` process that imports Triton first (test_in_interpreter),
-# and no Triton import here leaks into the rest of the suite or into the GPU tests.
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 if INTERPRETER:
     pytest.importorskip("triton")
     from vllm_spon.kernels import triton_sparse as ts
@@ -24,13 +19,7 @@ else:
 
 
 def test_in_interpreter():
-    if INTERPRETER:
-        pytest.skip("already in the interpreter process")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    rerun_in_interpreter(__file__)
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -3,19 +3,15 @@
 converts them exactly, so the kernels read real fp8 weights here. tests/test_kernels_gpu.py runs them
 compiled at Llama shapes."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.interpreter import INTERPRETER, interpreted, rerun_in_interpreter
 from tests.test_kernels import SEGMENTS, TOL, _problem, _rel_err
 from vllm_spon.kernels.fp8 import FP8_DTYPE, sparse_linear_fp8
 from vllm_spon.kernels.reference import sparse_linear_fp8_reference
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 if INTERPRETER:
     pytest.importorskip("triton")
     from vllm_spon.kernels import triton_sparse as ts
@@ -31,13 +27,7 @@ CONFIGS = {
 
 
 def test_in_interpreter():
-    if INTERPRETER:
-        pytest.skip("already in the interpreter process")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    rerun_in_interpreter(__file__)
 
 
 def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
