@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from vllm_spon.calibration.checkpoint import load_checkpoint
 from vllm_spon.calibration.data import load_text, token_windows
 from vllm_spon.calibration.evaluate import compare_methods, teal_baseline
 from vllm_spon.calibration.example_model import write_example_model
 from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
+from vllm_spon.format.checkpoint import load_checkpoint
 
 EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
 
@@ -37,9 +37,8 @@ def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Te
     teal_thresholds, _ = teal_baseline(ckpt.config)
     out: dict = {}
     for name, w in windows.items():
-        r = compare_methods(sparse, w, name, teal_thresholds, ckpt.config.thresholds)
-        out[name] = {"dense": r.dense, "teal": r.teal, "teal_sparsity": r.teal_sparsity, "spon": r.spon,
-                     "spon_sparsity": r.spon_sparsity, "recovered": r.gap_recovered}
+        report = compare_methods(sparse, w, name, teal_thresholds, ckpt.config.thresholds)
+        out[name] = {**report.model_dump(), "gap_recovered": report.gap_recovered}
     return out
 
 
@@ -62,7 +61,7 @@ def plot(results: list[dict], output: Path) -> None:
 
 
 def recovered(e: dict) -> str:
-    return "not matched" if e["recovered"] is None else f"{e['recovered']:.0%}"
+    return "not matched" if e["gap_recovered"] is None else f"{e['gap_recovered']:.0%}"
 
 
 def markdown(results: list[dict]) -> str:

@@ -1,7 +1,7 @@
 """Batch-1 decode and time to first token on vLLM's CPU build: dense against `--load-format spon`, one run.
 
 Both engines of a row run one after the other in this process (each shut down before the next starts), with
-the test suite's CPU settings (`tests/plugin_helpers.py`: float32, the memory fraction and KV cache that fit
+the CPU build's settings (`vllm_spon/server.py`: float32, the memory fraction and KV cache that fit
 2-core machines), once eager and once with vLLM's default torch.compile. Decode is timed as on the GPU
 (`bench_gpu_e2e.decode_rate`); the prompt is held-out text (Persuasion), on which the thresholds zero about
 their calibrated fraction. Time to first token is the median over fresh 256-token held-out prompts (no prefix
@@ -9,7 +9,7 @@ cache hits): prefill runs the same CPU kernel as decode (kernels/cpu.py), over t
 
     .venv/bin/python -m benchmarks.bench_cpu_decode --model artifacts/test-cache/smollm2 \\
         --checkpoint artifacts/test-cache/smollm2-spon50 --json benchmarks/results/cpu_decode.json
-(run from the repository root: `-m` puts it on the path, for `benchmarks` and `tests`).
+(run from the repository root: `-m` puts it on the path, for `benchmarks`).
 
 `--kernels` times the op alone instead, at the example model's shapes: `vllm_spon.kernels.sparse_linear` on an
 input thresholded at 50% against the layer vLLM's dense CPU path builds (`dispatch_cpu_unquantized_gemm`:
@@ -29,14 +29,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_gpu_e2e import DECODE_TOKENS, decode_rate, timed_generate
-from tests.plugin_helpers import ENGINE_KWARGS, engine
-from vllm_spon.calibration.checkpoint import read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
 from vllm_spon.calibration.sparse_model import load_tokenizer
+from vllm_spon.format.checkpoint import read_config
+from vllm_spon.server import CPU_ENGINE_ARGS, engine
 
 PROMPT_TOKENS = 32
 PREFILL_TOKENS = 256
 PREFILL_REPEATS = 5
+# A short context and a fixed seed; eager and compiled are both measured.
+ENGINE_KWARGS = {"max_model_len": 512, "seed": 0}
 
 
 def held_out_prompts(model: Path, tokens: int, count: int) -> list[list[int]]:
@@ -69,7 +71,7 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
     for mode, eager in (("eager", True), ("compiled", False)):
         rates, ttft = {}, {}
         for name, path, load_format in (("dense", model, "auto"), ("spon", checkpoint, "spon")):
-            with engine(str(path), load_format=load_format, enforce_eager=eager) as llm:
+            with engine(str(path), load_format=load_format, enforce_eager=eager, **ENGINE_KWARGS) as llm:
                 rates[name] = decode_rate(llm, [prompt], new_tokens, repeats)
                 ttft[name] = ttft_ms(llm, long_prompts)
             print(f"{mode} {name}: {rates[name]:.1f} tok/s, TTFT {ttft[name]:.0f} ms", flush=True)
@@ -91,7 +93,7 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
         "target_sparsity": config.target_sparsity,
         "achieved_sparsity": config.achieved_sparsity,
         "held_out_sparsity": config.perplexity.spon_sparsity if config.perplexity else None,
-        "engine": {k: v for k, v in ENGINE_KWARGS.items() if k != "enforce_eager"},
+        "engine": {**CPU_ENGINE_ARGS, **ENGINE_KWARGS},
         "prompt_tokens": PROMPT_TOKENS,
         "prefill_tokens": PREFILL_TOKENS,
         "new_tokens": new_tokens,

@@ -53,7 +53,7 @@ def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dt
     """A random-weight Llama at `out/base` and overlay SPON checkpoints `out/spon{NN}` fitted to it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vllm_spon.calibration.checkpoint import make_checkpoint
+    from vllm_spon.calibration.handmade import write_handmade
     from vllm_spon.calibration.sparse_model import SparseModel
     from vllm_spon.calibration.thresholds import fit_thresholds
 
@@ -75,7 +75,7 @@ def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dt
                                     batch_size=4)
         biases = ({m: torch.randn(lin.out_features) * 1e-3 for m, lin in sparse.linears.items()}
                   if with_biases else None)
-        make_checkpoint(base, out / f"spon{round(s * 100)}", thresholds, biases, layout="overlay",
+        write_handmade(base, out / f"spon{round(s * 100)}", thresholds, biases, layout="overlay",
                         target_sparsity=s)
         print(f"checkpoint spon{round(s * 100)}: fitted to {s:.2f}", flush=True)
 
@@ -157,8 +157,8 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     """
     from vllm import LLM, SamplingParams
 
-    from vllm_spon.calibration.checkpoint import load_checkpoint
     from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+    from vllm_spon.format.checkpoint import load_checkpoint
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from vllm_spon.calibration.checkpoint import PerplexityReport, SponConfig, load_checkpoint, read_config
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
 from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
+from vllm_spon.format.checkpoint import load_checkpoint, read_config
+from vllm_spon.format.identity import model_family
+from vllm_spon.format.schema import PerplexityReport, SponConfig
 
 
 @torch.no_grad()
@@ -129,20 +131,22 @@ def plot_checkpoint(checkpoint_dir: Path, output: Path, measured: PerplexityRepo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    config = read_config(checkpoint_dir)
+    config, family = read_config(checkpoint_dir), model_family(checkpoint_dir)
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_module = {m: family.parse(m) for m in config.thresholds}
     for proj in config.projections:
-        layers = sorted((int(m.split(".layers.")[1].split(".")[0]), m) for m in config.thresholds
-                        if m.endswith("." + proj))
+        layers = sorted((index, m) for m, (index, p) in by_module.items() if p.name == proj)
         xs = [i for i, _ in layers]
         ax_t.plot(xs, [config.thresholds[m] for _, m in layers], marker=".", label=proj)
-        ax_s.plot(xs, [config.module_sparsity[m] for _, m in layers], marker=".", label=proj)
+        if config.module_sparsity is not None:
+            ax_s.plot(xs, [config.module_sparsity[m] for _, m in layers], marker=".", label=proj)
     ax_t.set(yscale="log", xlabel="layer", ylabel="threshold |x|", title="per-layer thresholds")
     ax_s.set(xlabel="layer", ylabel="input sparsity (calibration tokens)", title="per-layer sparsity")
     ax_s.axhline(config.target_sparsity, color="grey", linestyle="--", linewidth=1)
     ax_t.legend(fontsize=8)
-    title = (f"{config.method.upper()} target {config.target_sparsity:.2f}, "
-             f"achieved {config.achieved_sparsity:.3f} on calibration tokens")
+    title = f"{config.method.upper()} target {config.target_sparsity:.2f}, " + (
+        "hand-made" if config.achieved_sparsity is None else
+        f"achieved {config.achieved_sparsity:.3f} on calibration tokens")
     report, source = (measured, "eval") if measured else (config.perplexity, "calibration's check")
     if report:
         recovered = report.gap_recovered

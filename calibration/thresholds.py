@@ -9,27 +9,27 @@ sparsity on calibration tokens matches the target and methods can be compared at
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from vllm_spon.calibration.sparse_model import Mode, SparseModel, site_key
-
-ThresholdStats = Literal["dense", "sequential"]
+from vllm_spon.calibration.sparse_model import Mode, SparseModel
+from vllm_spon.format.architectures import Family
+from vllm_spon.format.schema import ThresholdStats
 
 
 class SiteSamples:
     """A uniform random subsample of |x| for every input site (modules that read one input share it)."""
 
-    def __init__(self, per_site: int, num_batches: int, seed: int = 0):
+    def __init__(self, family: Family, per_site: int, num_batches: int, seed: int = 0):
+        self.site = family.site
         self.per_batch = max(1, math.ceil(per_site / num_batches))
         self.generator = torch.Generator().manual_seed(seed)
         self.samples: dict[str, list[torch.Tensor]] = {}
         self._seen: set[tuple[str, int]] = set()
 
     def observe(self, module: str, x: torch.Tensor) -> None:
-        site = site_key(module)
+        site = self.site(module)
         key = (site, x.data_ptr())  # q/k/v (and gate/up) read the same tensor: sample it once
         if key in self._seen:
             return
@@ -44,7 +44,7 @@ class SiteSamples:
 
     def threshold(self, module: str, sparsity: float) -> float:
         """The magnitude at or below which a fraction `sparsity` of the module's inputs fall."""
-        values = torch.cat(self.samples[site_key(module)])
+        values = torch.cat(self.samples[self.site(module)])
         if sparsity <= 0:
             return 0.0
         k = min(values.numel(), max(1, round(sparsity * values.numel())))
@@ -63,7 +63,7 @@ def collect_samples(
 ) -> SiteSamples:
     """Run `windows` through the model in `mode` and subsample every sparsifiable input."""
     batches = windows.split(batch_size)
-    samples = SiteSamples(per_site, len(batches), seed)
+    samples = SiteSamples(model.family, per_site, len(batches), seed)
     device = next(model.model.parameters()).device
     with model.use(mode), model.observe_inputs(samples.observe):
         for batch in tqdm(batches, desc=desc, leave=False):
@@ -119,7 +119,7 @@ def greedy_allocation(
     """
     windows = windows[:max_windows]
     samples = collect_samples(model, windows, "dense", len(windows), 1 << 20, desc="greedy: statistics")
-    layers = model.model.model.layers
+    layers = model.decoder_layers()
     captured: dict[int, tuple[tuple, dict]] = {}
 
     def capture(index: int):
@@ -138,7 +138,7 @@ def greedy_allocation(
     allocation: dict[str, float] = {}
     saved = {m: float(t) for m, t in model.thresholds.items()}
     for index, layer in enumerate(tqdm(layers, desc="greedy allocation", leave=False)):
-        modules = [m for m in model.linears if f".layers.{index}." in m]
+        modules = [m for m in model.linears if model.family.layer_index(m) == index]
         args, kwargs = captured[index]
         block_output = functools.partial(_tail_output, model, layer, args, kwargs)
         allocation.update(_greedy_block(model, samples, modules, block_output, target, step))

@@ -41,8 +41,8 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def spon_checkpoint_dir(example_model_dir) -> Path:
     """The example model calibrated at 50% with a small budget (overlay checkpoint, ~2 min on 2 cores)."""
-    from vllm_spon.calibration.checkpoint import is_spon_checkpoint
     from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
+    from vllm_spon.format.checkpoint import is_spon_checkpoint
 
     path = CACHE / "smollm2-spon50"
     if not is_spon_checkpoint(path):
@@ -55,9 +55,9 @@ def spon_checkpoint_dir(example_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def spon_reference_case(example_model_dir):
-    """A SPON checkpoint of the example model whose greedy tokens are well defined (plugin_helpers says why),
+    """A SPON checkpoint of the example model whose greedy tokens are well defined (tests/reference_cases.py says why),
     with the reference sparse model's tokens and log-probabilities on three prompts (~1-2 min on 2 cores)."""
-    from tests.plugin_helpers import DENSE_PROMPTS, reference_case
+    from tests.reference_cases import DENSE_PROMPTS, reference_case
 
     return reference_case(example_model_dir, CACHE / "plugin", DENSE_PROMPTS[:3], sparse_layers=(0, 15, 29))
 
@@ -65,14 +65,14 @@ def spon_reference_case(example_model_dir):
 @pytest.fixture(scope="session")
 def zero_spon_overlay(example_model_dir) -> Path:
     """An overlay checkpoint of the example model with every threshold 0 and no biases: the dense model."""
-    from tests.plugin_helpers import load_hf
-    from vllm_spon.calibration.checkpoint import is_spon_checkpoint, make_checkpoint
-    from vllm_spon.calibration.sparse_model import sparsifiable_linears
+    from vllm_spon.calibration.handmade import write_handmade
+    from vllm_spon.calibration.sparse_model import load_hf_model, sparsifiable_linears
+    from vllm_spon.format.checkpoint import is_spon_checkpoint
 
     path = CACHE / "plugin" / "zero-overlay"
     if not is_spon_checkpoint(path):
-        modules = sparsifiable_linears(load_hf(example_model_dir))
-        make_checkpoint(example_model_dir, path, dict.fromkeys(modules, 0.0), layout="overlay")
+        modules = sparsifiable_linears(load_hf_model(example_model_dir))
+        write_handmade(example_model_dir, path, dict.fromkeys(modules, 0.0), layout="overlay")
     return path
 
 
@@ -80,7 +80,8 @@ def zero_spon_overlay(example_model_dir) -> Path:
 def even_heads_spon_checkpoint(example_model_dir, spon_reference_case) -> Path:
     """`spon_reference_case`'s checkpoint on a copy of the example model with 12 heads (3 exactly zero) that
     splits over 2 tensor-parallel ranks and computes the same tokens."""
-    from tests.plugin_helpers import even_heads_checkpoint, write_even_heads_model
+    from tests.even_heads import even_heads_checkpoint, write_even_heads_model
 
     model = write_even_heads_model(CACHE / "plugin" / "smollm2-12-heads", example_model_dir)
     return even_heads_checkpoint(spon_reference_case, model, Path(spon_reference_case.checkpoint).parent / "12-heads")
+

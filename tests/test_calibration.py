@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vllm_spon.calibration.checkpoint import load_checkpoint
+from vllm_spon.format.checkpoint import load_checkpoint
 
 CLI = [sys.executable, "-m", "vllm_spon.cli"]
 SMALL_BUDGET = ["--num-tokens", "2048", "--window", "128", "--steps", "30", "--lr", "2e-3",

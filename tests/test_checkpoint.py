@@ -9,16 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from vllm_spon.calibration.atomic import OutputError
-from vllm_spon.calibration.checkpoint import (
-    CheckpointError,
-    atomic_directory,
-    check_base_model,
-    load_checkpoint,
-    make_checkpoint,
-    read_config,
-)
+from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
+from vllm_spon.format.atomic import OutputError
+from vllm_spon.format.checkpoint import atomic_directory, load_checkpoint, read_config
+from vllm_spon.format.errors import CheckpointError
+from vllm_spon.format.identity import check_base_model
 
 
 @pytest.fixture()
@@ -29,7 +25,7 @@ def tiny_modules(tiny_llama_dir):
 def _write(tiny_llama_dir, tmp_path, tiny_modules, layout="full", name="ckpt"):
     thresholds = {m: 0.01 * (i + 1) for i, m in enumerate(tiny_modules)}
     biases = {m: torch.randn(lin.out_features) for m, lin in tiny_modules.items()}
-    return make_checkpoint(tiny_llama_dir, tmp_path / name, thresholds, biases, layout=layout), thresholds, biases
+    return write_handmade(tiny_llama_dir, tmp_path / name, thresholds, biases, layout=layout), thresholds, biases
 
 
 def test_round_trip_full(tiny_llama_dir, tmp_path, tiny_modules):
@@ -40,7 +36,7 @@ def test_round_trip_full(tiny_llama_dir, tmp_path, tiny_modules):
         assert ckpt.threshold(m) == pytest.approx(t)
         torch.testing.assert_close(ckpt.biases[m], biases[m])
     assert (path / "model.safetensors").is_file() and not (path / "model.safetensors").is_symlink()
-    check_base_model(ckpt.config, path)  # a full copy is its own base model
+    check_base_model(ckpt.config.base_model, path, path / "spon" / "config.json")  # a full copy is its own base model
     assert "14 linears" in ckpt.summary()
 
 
@@ -52,7 +48,7 @@ def test_overlay_links_base_files(tiny_llama_dir, tmp_path, tiny_modules):
     assert (path / "config.json").is_file() and not (path / "config.json").is_symlink()
     config = read_config(path)
     assert config.layout == "overlay" and config.base_model.path == str(tiny_llama_dir.resolve())
-    check_base_model(config, path)
+    check_base_model(config.base_model, path, path / "spon" / "config.json")
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -134,9 +130,9 @@ def test_rejects_checkpoint_of_another_base_model(tiny_llama_dir, tmp_path, tiny
     tensors["model.layers.0.self_attn.q_proj.weight"] += 1e-3
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="are not those the checkpoint was calibrated on"):
-        check_base_model(config, other)
+        check_base_model(config.base_model, other, path / "spon" / "config.json")
     cfg = json.loads((other / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="calibrated for LlamaForCausalLM"):
-        check_base_model(config, other)
+        check_base_model(config.base_model, other, path / "spon" / "config.json")

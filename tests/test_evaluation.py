@@ -6,16 +6,14 @@ import json
 
 import pytest
 
-from vllm_spon.calibration.checkpoint import (
-    CheckpointError,
-    PerplexityReport,
-    load_checkpoint,
-    make_checkpoint,
-    read_config,
-)
+from tests.checkpoint_edits import claim_calibration
 from vllm_spon.calibration.data import DEFAULT_EVAL_DATA
 from vllm_spon.calibration.evaluate import EvalArgs, evaluate
+from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.format.checkpoint import load_checkpoint, read_config
+from vllm_spon.format.errors import CheckpointError
+from vllm_spon.format.schema import PerplexityReport
 
 
 def report(teal_sparsity: float, spon_sparsity: float, teal: float = 60.0) -> PerplexityReport:
@@ -34,9 +32,10 @@ def test_gap_recovered_only_at_matched_sparsity():
 
 def test_teal_thresholds_must_name_the_checkpoint_modules(tiny_llama_dir, tmp_path):
     modules = SparseModel(load_hf_model(tiny_llama_dir)).linears
-    checkpoint = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", dict.fromkeys(modules, 0.1))
+    checkpoint = write_handmade(tiny_llama_dir, tmp_path / "ckpt", dict.fromkeys(modules, 0.1))
     config_file = checkpoint / "spon" / "config.json"
     config = json.loads(config_file.read_text())
+    claim_calibration(config)
     config["teal_thresholds"] = dict.fromkeys(list(modules)[1:], 0.1)
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="teal_thresholds and thresholds name different modules"):

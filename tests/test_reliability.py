@@ -13,20 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from tests.checkpoint_edits import claim_calibration, edit_config, edit_tensors
 from vllm_spon import __version__
-from vllm_spon.calibration.checkpoint import (
-    CheckpointError,
-    PerplexityReport,
-    is_spon_checkpoint,
-    load_checkpoint,
-    make_checkpoint,
-)
+from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
 from vllm_spon.calibration.spon_training import TrainingError
 from vllm_spon.cli import build_parser, main
+from vllm_spon.format.checkpoint import is_spon_checkpoint, load_checkpoint
+from vllm_spon.format.errors import CheckpointError
+from vllm_spon.format.schema import PerplexityReport
 
 TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
                "--eval-window", "32"]
@@ -34,7 +31,7 @@ MODULE = "model.layers.1.mlp.down_proj"
 # A subprocess that sends itself SIG when FUNCTION of vllm_spon.calibration.MODULE is called, then runs the CLI.
 SIGNAL_AT = """
 import os, signal, sys
-import vllm_spon.calibration.{module} as target
+import vllm_spon.format.{module} as target
 original = target.{function}
 def signalled(*args, **kwargs):
     os.kill(os.getpid(), signal.{signal})
@@ -96,7 +93,7 @@ def tiny_tensors(model: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]
 
 
 def tiny_checkpoint(model: Path, output: Path, layout: str = "full") -> Path:
-    return make_checkpoint(model, output, *tiny_tensors(model), layout=layout)
+    return write_handmade(model, output, *tiny_tensors(model), layout=layout)
 
 
 # --- nothing the user owns is lost ---------------------------------------------------------------------------
@@ -266,39 +263,27 @@ def test_spon_clearly_worse_than_teal_on_held_out_text_is_refused():
 
 # --- one validator, the same line from every tool ------------------------------------------------------------
 
-def _edit_tensors(path: Path, edit) -> None:
-    file = path / "spon" / "spon.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file)
-
-
-def _edit_config(path: Path, edit) -> None:
-    file = path / "spon" / "config.json"
-    config = json.loads(file.read_text())
-    edit(config)
-    file.write_text(json.dumps(config))
-
-
 def _drop_module(config: dict) -> None:
-    del config["thresholds"][MODULE], config["module_sparsity"][MODULE]
+    del config["thresholds"][MODULE]
 
 
 BAD_CHECKPOINTS = {
-    "float16 threshold": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.threshold": t[
+    "float16 threshold": (lambda p: edit_tensors(p, lambda t: t.update({f"{MODULE}.threshold": t[
         f"{MODULE}.threshold"].half()})), f"tensor {MODULE}.threshold must be a 0-d float32 tensor"),
-    "float64 bias": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+    "float64 bias": (lambda p: edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
         f"{MODULE}.spon_bias"].double()})), f"tensor {MODULE}.spon_bias is float64; the format stores float32"),
-    "mis-shaped bias": (lambda p: _edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
+    "mis-shaped bias": (lambda p: edit_tensors(p, lambda t: t.update({f"{MODULE}.spon_bias": t[
         f"{MODULE}.spon_bias"][:-1].contiguous()})), f"tensor {MODULE}.spon_bias has shape [63], but the model's"),
-    "spon without a bias": (lambda p: _edit_tensors(p, lambda t: t.pop(f"{MODULE}.spon_bias")),
+    "spon without a bias": (lambda p: edit_tensors(p, lambda t: t.pop(f"{MODULE}.spon_bias")),
                             f"tensor {MODULE}.spon_bias is missing"),
-    "a module left out": (lambda p: (_edit_config(p, _drop_module), _edit_tensors(p, lambda t: (t.pop(
+    "a module left out": (lambda p: (edit_config(p, _drop_module), edit_tensors(p, lambda t: (t.pop(
         f"{MODULE}.threshold"), t.pop(f"{MODULE}.spon_bias")))), f"thresholds lacks module {MODULE}"),
-    "projections claim": (lambda p: _edit_config(p, lambda c: c.update(projections=["q_proj"])),
+    "projections claim": (lambda p: edit_config(p, lambda c: c.update(projections=["q_proj"])),
                           "not a q_proj module of this 2-layer model"),
-    "achieved sparsity claim": (lambda p: _edit_config(p, lambda c: c.update(achieved_sparsity=0.99)),
+    "achieved sparsity claim": (lambda p: edit_config(p, lambda c: claim_calibration(c, achieved=0.99)),
                                 "achieved_sparsity 0.99 is not a weighted mean of module_sparsity"),
+    "hand-made measurement claim": (lambda p: edit_config(p, lambda c: c.update(achieved_sparsity=0.5)),
+                                    "a hand-made checkpoint (calibration null) records no measurements"),
     "invalid JSON": (lambda p: (p / "spon" / "config.json").write_text("{"), "is not a valid SPON config"),
     "truncated tensors": (lambda p: (p / "spon" / "spon.safetensors").write_bytes(
         (p / "spon" / "spon.safetensors").read_bytes()[:-100]), "spon.safetensors cannot be read as safetensors"),
@@ -330,7 +315,7 @@ def test_an_overlay_whose_base_moved_is_refused_naming_the_base(capsys, model_co
 def test_calibrations_own_write_refuses_what_the_loader_would(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match=rf"tensor {MODULE}.spon_bias has shape \[3\], but the model's"):
         thresholds, biases = tiny_tensors(tiny_model)
-        make_checkpoint(tiny_model, tmp_path / "out", thresholds, {**biases, MODULE: torch.zeros(3)})
+        write_handmade(tiny_model, tmp_path / "out", thresholds, {**biases, MODULE: torch.zeros(3)})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -385,4 +370,4 @@ def test_eval_json_and_inspect_label_their_measurements(capsys, tiny_model, tmp_
     assert report["measured_on"] == "1 x 32 tokens of builtin:persuasion" and 0 <= report["spon_sparsity"] <= 1
     assert "thresholds" in report["teal_thresholds"]  # says which thresholds TEAL ran with
     assert main(["inspect", str(checkpoint)]) == 0
-    assert "achieved 0.500 on calibration tokens" in capsys.readouterr().out
+    assert "hand-made, not calibrated" in capsys.readouterr().out  # claims no measurement it did not make

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from vllm_spon.calibration.evaluate import measure_sparsity
 from vllm_spon.calibration.sparse_model import SparseModel
 from vllm_spon.calibration.thresholds import SiteSamples, fit_thresholds, greedy_allocation
+from vllm_spon.format.architectures import FAMILIES
 from vllm_spon.kernels.reference import sparse_linear_reference, sparsify
 
 
@@ -46,7 +47,7 @@ def test_zero_thresholds_are_dense(tiny, windows):
 
 
 def test_site_samples_quantile_is_exact_on_known_values():
-    samples = SiteSamples(per_site=10_000, num_batches=1)
+    samples = SiteSamples(FAMILIES[0], per_site=10_000, num_batches=1)
     x = torch.arange(1, 1001, dtype=torch.float32)  # |x| = 1..1000
     samples.observe("model.layers.0.mlp.down_proj", x)
     t = samples.threshold("model.layers.0.mlp.down_proj", 0.5)

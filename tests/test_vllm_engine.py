@@ -5,15 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.plugin_helpers import (
-    DENSE_PROMPTS,
-    dense_greedy,
+from tests.reference_cases import DENSE_PROMPTS, dense_greedy, tokenize
+from tests.vllm_probes import (
     engine,
     expected_state,
     generate_tokens,
     prompt_logprobs,
     spon_state,
-    tokenize,
     worker_additional_config,
 )
 from vllm_spon.loader import COMPILE_KEY, checkpoint_identity
@@ -23,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _probe_workers():
-    """The probes passed to `apply_model` / `collective_rpc` are functions (in plugin_helpers, which vLLM's
+    """The probes passed to `apply_model` / `collective_rpc` are functions (in tests/vllm_probes.py, which vLLM's
     spawned processes import: they inherit sys.path): vLLM pickles functions only if allowed."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from tests.plugin_helpers import MAX_TOKENS
+from tests.reference_cases import MAX_TOKENS
 from vllm_spon.server import ServerStartError, vllm_server
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.plugin_helpers import engine, generate_tokens
+from tests.vllm_probes import engine, generate_tokens
 from vllm_spon.server import CPU_ENV, machine_defaults, vllm_executable
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.plugin_helpers import engine, expected_state, generate_tokens, spon_state
+from tests.vllm_probes import engine, expected_state, generate_tokens, spon_state
 from vllm_spon.server import CPU_ENGINE_ARGS, CPU_ENV
 
 pytestmark = pytest.mark.slow

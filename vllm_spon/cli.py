@@ -5,6 +5,7 @@ import json
 import logging
 import signal
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Literal
@@ -15,8 +16,8 @@ from vllm_spon import __version__
 
 
 def _example_model(ns: argparse.Namespace) -> None:
-    from vllm_spon.calibration.atomic import check_target
     from vllm_spon.calibration.example_model import write_example_model
+    from vllm_spon.format.atomic import check_target
 
     check_target(ns.output, ns.overwrite)  # before minutes of GGUF dequantizing, not after
 
@@ -39,8 +40,8 @@ def _calibrate(ns: argparse.Namespace) -> None:
 
 
 def _eval(ns: argparse.Namespace) -> None:
-    from vllm_spon.calibration.atomic import writable_folder
     from vllm_spon.calibration.evaluate import EvalArgs, evaluate, plot_checkpoint
+    from vllm_spon.format.atomic import writable_folder
 
     args = EvalArgs(**_model_fields(ns, EvalArgs))
     if ns.plot:
@@ -57,7 +58,7 @@ def _eval(ns: argparse.Namespace) -> None:
 
 
 def _inspect(ns: argparse.Namespace) -> None:
-    from vllm_spon.calibration.checkpoint import load_checkpoint
+    from vllm_spon.format.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(ns.checkpoint)
     print(checkpoint.summary())
@@ -86,6 +87,15 @@ def _shown(value: object) -> str:
     return "none" if value is None else str(value)
 
 
+def _plain(annotation: object) -> object:
+    """The type an option parses to: `X | None` and `Annotated[X, ...]` are X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()
                       ) -> None:
     """One argument per field of `model`: the field's description is the help and its default is shown.
@@ -94,7 +104,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
     its defaults: the pydantic model is the one source of truth for both.
     """
     for name, field in model.model_fields.items():
-        annotation, help_text = field.annotation, field.description or ""
+        annotation, help_text = _plain(field.annotation), field.description or ""
         kwargs: dict = {}
         if typing.get_origin(annotation) is Literal:
             kwargs["choices"] = typing.get_args(annotation)
@@ -103,14 +113,14 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         elif typing.get_origin(annotation) is tuple:
             kwargs["type"] = _comma_list
         else:
-            kwargs["type"] = next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))
+            kwargs["type"] = annotation
         if name in positional:
             parser.add_argument(name, help=help_text, **kwargs)
         elif field.is_required():
             parser.add_argument(_flag(name), required=True, help=f"{help_text} (required)", **kwargs)
         else:
-            parser.add_argument(_flag(name), default=None, help=f"{help_text} (default: {_shown(field.default)})",
-                                **kwargs)
+            shown = (field.json_schema_extra or {}).get("cli_default") or _shown(field.default)
+            parser.add_argument(_flag(name), default=None, help=f"{help_text} (default: {shown})", **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vllm_spon.calibration.atomic import OutputError, interruptible
-    from vllm_spon.calibration.checkpoint import CheckpointError
     from vllm_spon.calibration.data import DataError
     from vllm_spon.calibration.spon_training import TrainingError
+    from vllm_spon.format.atomic import OutputError, interruptible
+    from vllm_spon.format.errors import CheckpointError
 
     def fail(message: str, code: int) -> int:
         print(f"vllm-spon {ns.command}: {message}", file=sys.stderr)

@@ -26,14 +26,8 @@ from vllm.model_executor.model_loader import DummyModelLoader, get_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.platforms import current_platform
 
-from vllm_spon.calibration.checkpoint import (
-    CONFIG_FILE,
-    TENSORS_FILE,
-    CheckpointError,
-    SponCheckpoint,
-    load_checkpoint,
-    spon_dir,
-)
+from vllm_spon.format.checkpoint import CONFIG_FILE, TENSORS_FILE, SponCheckpoint, load_checkpoint, spon_dir
+from vllm_spon.format.errors import CheckpointError
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM, SponLinearMethod, install_spon_method
 from vllm_spon.sites import SponSite, check_fits, find_sites, on_other_ranks, site_has_bias, spon_tensors
 
@@ -126,8 +120,9 @@ class SponModelLoader(BaseModelLoader):
 
 def _install(model: nn.Module, checkpoint: SponCheckpoint, model_dir: str) -> list[SponSite]:
     """The model's SPON sites, checked against the checkpoint, each with the SPON method installed once."""
-    sites = find_sites(model, checkpoint.config.projections)
-    check_fits(checkpoint, sites, spon_dir(model_dir) / TENSORS_FILE, on_other_ranks(model))
+    tensors_file = spon_dir(model_dir) / TENSORS_FILE
+    sites = find_sites(model, checkpoint, tensors_file)
+    check_fits(checkpoint, sites, tensors_file, on_other_ranks(model))
     for site in sites:
         if not isinstance(site.layer.quant_method, SponLinearMethod):
             install_spon_method(site.layer, site_has_bias(site, checkpoint), _layer_device(site.layer))

@@ -1,5 +1,6 @@
-"""Start `vllm serve` as a child process and wait until it answers: used by the demo, the examples, the
-CPU benchmark and the server tests, so that all of them start vLLM the way a user would."""
+"""Start vLLM the way a user would, with this machine's settings: `vllm serve` as a child process that is
+waited on until it answers (the demo, the examples, the server tests), or an in-process `LLM` engine (the
+engine tests and the CPU benchmark)."""
 
 import os
 import socket
@@ -19,6 +20,23 @@ import torch
 CPU_ENGINE_ARGS = {"dtype": "float32", "gpu_memory_utilization": 0.5}
 CPU_SERVE_ARGS = tuple(a for k, v in CPU_ENGINE_ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v)))
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+
+
+@contextmanager
+def engine(model: str | os.PathLike, **kwargs) -> Iterator["vllm.LLM"]:  # noqa: F821 (vLLM imported lazily)
+    """A vLLM engine (`LLM`) with this machine's defaults (the CPU build's settings on a CPU) overridden by
+    `kwargs`; shut down on exit, so the next one can start in the same process."""
+    from vllm import LLM
+
+    defaults, env = (CPU_ENGINE_ARGS, CPU_ENV) if not torch.cuda.is_available() else ({}, {})
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    llm = LLM(str(model), **{**defaults, **kwargs})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
 
 
 class ServerStartError(RuntimeError):

@@ -1,8 +1,9 @@
 """Which vLLM linear layers a SPON checkpoint sparsifies, and whether its tensors fit them.
 
 A checkpoint names Hugging Face modules (`model.layers.0.self_attn.k_proj`); vLLM fuses some of them into
-one layer (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), as the model class's `packed_modules_mapping`
-says. A *site* is one vLLM layer with the Hugging Face modules it holds, in output order.
+one layer (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), as the family's table says (and the model
+class's `packed_modules_mapping` agrees). A *site* is one vLLM layer with the Hugging Face modules it
+holds, in output order.
 """
 
 from collections.abc import Iterator
@@ -14,11 +15,8 @@ from torch import nn
 from vllm.model_executor.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_spon.calibration.checkpoint import (
-    THRESHOLD_SUFFIX,
-    CheckpointError,
-    SponCheckpoint,
-)
+from vllm_spon.format.checkpoint import THRESHOLD_SUFFIX, SponCheckpoint
+from vllm_spon.format.errors import CheckpointError
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM
 
 
@@ -49,19 +47,36 @@ def _member_out_features(layer: LinearBase, count: int) -> tuple[int, ...]:
     return (layer.output_size,) * count
 
 
-def find_sites(model: nn.Module, projections: tuple[str, ...]) -> list[SponSite]:
-    """The decoder-block linears of `model` that hold at least one of the sparsified projections."""
+def find_sites(model: nn.Module, checkpoint: SponCheckpoint, tensors_file: Path) -> list[SponSite]:
+    """The vLLM layers of this rank that hold at least one sparsified projection, found from the family's
+    table (format/architectures.py); a vLLM model that does not match the table is refused in one line."""
+    family, projections = checkpoint.family, set(checkpoint.config.projections)
     packed: dict[str, list[str]] = getattr(model, "packed_modules_mapping", {})
+    for leaf, parts in family.vllm_layers().items():
+        if len(parts) > 1 and tuple(packed.get(leaf, parts)) != parts:
+            raise CheckpointError(
+                f"{tensors_file}: vLLM's {type(model).__name__} fuses {leaf} from {packed[leaf]}, the {family.name} "
+                f"table (format/architectures.py) from {list(parts)}; the table does not describe this vLLM model"
+            )
     sites = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LinearBase) or ".layers." not in name:
+    for index, decoder_layer in enumerate(model.get_submodule(family.layers)):
+        if isinstance(decoder_layer, PPMissingLayer):  # on another pipeline stage
             continue
-        parent, leaf = name.rsplit(".", 1)
-        parts = packed.get(leaf, [leaf])
-        if not set(parts) & set(projections):
-            continue
-        members = tuple(f"{parent}.{p}" for p in parts)
-        sites.append(SponSite(name, module, members, _member_out_features(module, len(members))))
+        for leaf, parts in family.vllm_layers().items():
+            if not set(parts) & projections:
+                continue
+            name = f"{family.layers}.{index}.{family.projection(parts[0]).parent}.{leaf}"
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, LinearBase):
+                raise CheckpointError(
+                    f"{tensors_file}: vLLM's {type(model).__name__} has no linear layer {name}, where the "
+                    f"{family.name} table (format/architectures.py) puts {', '.join(parts)}"
+                )
+            members = tuple(family.module(index, p) for p in parts)
+            sites.append(SponSite(name, layer, members, _member_out_features(layer, len(members))))
     return sites
 
 
@@ -79,8 +94,8 @@ def check_fits(
     this checks vLLM's fusing of them)."""
     if not sites:
         raise CheckpointError(
-            f"{tensors_file}: this model has no linear layers named {checkpoint.config.projections}; "
-            "vllm-spon supports Llama-style decoders (q/k/v/o_proj, gate/up/down_proj)"
+            f"{tensors_file}: this rank holds no linear layer of {checkpoint.config.projections}; "
+            "the checkpoint sparsifies none of this model's layers"
         )
     projections = set(checkpoint.config.projections)
     members = {m: site for site in sites for m in site.members}

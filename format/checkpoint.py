@@ -1,223 +1,56 @@
-"""The SPON checkpoint format: `spon/config.json` (validated) and `spon/spon.safetensors`.
+"""Reading, validating and writing SPON checkpoints: `spon/config.json` (format/schema.py) and
+`spon/spon.safetensors`.
 
 A checkpoint is a Hugging Face model directory with a `spon/` sub-folder. The *full* form holds the base
 model's files; the *overlay* form holds `spon/`, symbolic links to the base model's weights and copies of
 its small top-level files (config, tokenizer), so a large base model is referenced, never copied, and every
 tool that expects a model directory still works.
 
-Tensors are named after the Hugging Face module they belong to:
+Tensors are named after the Hugging Face module they belong to (format/architectures.py names them):
   `<module>.threshold`  0-d float32, the magnitude below which the module's inputs are zeroed;
   `<module>.spon_bias`  float32 `[out_features]`, the fused SPON bias `W a`, added to the module's output
                         (on top of the module's own bias, if it has one).
-Writes are atomic (calibration/atomic.py) and replace only a previous checkpoint; reads never unpickle.
+Writes are atomic (format/atomic.py) and replace only a previous checkpoint; reads never unpickle.
 `load_checkpoint` is the one validator: `inspect`, `eval` and the vLLM loader call it, and `write_checkpoint`
 applies its checks to what it is about to write.
 """
 
-import hashlib
-import json
 import math
 import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_spon import __version__
-from vllm_spon.calibration.atomic import OutputError, atomic_directory, check_target, unfinished, writable_folder
+from .architectures import Family, ModelShape, family_of
+from .atomic import OutputError, atomic_directory, check_target, unfinished, writable_folder
+from .errors import CheckpointError
+from .identity import check_base_model, model_family, read_hf_config
+from .schema import Layout, SponConfig
 
-FORMAT_VERSION = 1
 SPON_DIR = "spon"
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "spon.safetensors"
 THRESHOLD_SUFFIX = ".threshold"
 BIAS_SUFFIX = ".spon_bias"
-PROBE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
-
-# Input sites of a Llama-style block and the projections that read each one.
-PROJECTION_SITE = {
-    "q_proj": "attn_in",
-    "k_proj": "attn_in",
-    "v_proj": "attn_in",
-    "o_proj": "attn_out",
-    "gate_proj": "mlp_in",
-    "up_proj": "mlp_in",
-    "down_proj": "mlp_out",
-}
-ALL_PROJECTIONS = tuple(PROJECTION_SITE)
-# The sub-module of a decoder block that holds each projection (`model.layers.N.<parent>.<projection>`).
-PROJECTION_PARENT = {p: "self_attn" if site.startswith("attn") else "mlp" for p, site in PROJECTION_SITE.items()}
 # What `--overwrite` may replace at a checkpoint's output (and nothing else).
 PREVIOUS_CHECKPOINT = "a previous vllm-spon checkpoint"
 # An overlay copies the base model's files below this size that are not weights, and links the rest.
 OVERLAY_COPY_MAX_BYTES = 64 * 2**20
-# Architectures whose module names and shapes the format (and the vLLM plugin) know; one place to extend.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-def _known_projections(v: tuple[str, ...]) -> tuple[str, ...]:
-    unknown = sorted(set(v) - set(ALL_PROJECTIONS))
-    if unknown or not v:
-        raise ValueError(f"projections must be a non-empty subset of {ALL_PROJECTIONS}, got {list(v)}")
-    return v
-
-
-# Which Hugging Face linear modules (by leaf name) are sparsified; shared by the checkpoint and calibration.
-Projections = Annotated[tuple[str, ...], AfterValidator(_known_projections)]
-# Config fields that must agree between a checkpoint and the model it is loaded onto.
-SHAPE_FIELDS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-)
-
-
-class CheckpointError(ValueError):
-    """A SPON checkpoint is missing, malformed or does not belong to the model it is used with."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BaseModelRef(_Strict):
-    """Identity of the base model a checkpoint was calibrated on."""
-
-    path: str = Field(description="base model directory at calibration time (overlays load weights from it)")
-    architecture: str
-    shape: dict[str, int] = Field(description="the config fields in SHAPE_FIELDS")
-    probe_tensor: str = PROBE_TENSOR
-    probe_sha256: str = Field(description="sha256 of the probe tensor's values as float32")
-
-
-class CalibrationInfo(_Strict):
-    """How the thresholds and biases were made: enough to reproduce them."""
-
-    data: str
-    num_tokens: int = Field(gt=0)
-    window: int = Field(gt=0)
-    threshold_stats: Literal["dense", "sequential"]
-    allocation: Literal["uniform", "greedy"]
-    steps: int = Field(ge=0)
-    lr: float = Field(ge=0)
-    tokens_per_step: int = Field(ge=0)
-    seed: int
-    seconds: float = Field(ge=0)
-
-
-# Sparsities (achieved on the same windows) within which TEAL and SPON are compared: beyond it a method's
-# perplexity differs by how much it drops, not by how well it recovers.
-MATCHED_SPARSITY = 0.01
-
-
-class PerplexityReport(_Strict):
-    """Dense, TEAL and SPON perplexity on the same held-out windows: TEAL with its own thresholds and no
-    biases, SPON with the checkpoint's thresholds and biases (`evaluate.compare_methods` measures it, for
-    calibration's check, `eval`, its plot and the benchmarks alike)."""
-
-    data: str
-    num_windows: int = Field(gt=0)
-    window: int = Field(gt=0)
-    dense: float = Field(gt=0)
-    teal: float = Field(gt=0)
-    spon: float = Field(gt=0)
-    teal_sparsity: float = Field(ge=0, le=1)
-    spon_sparsity: float = Field(ge=0, le=1)
-
-    @property
-    def matched(self) -> bool:
-        return abs(self.teal_sparsity - self.spon_sparsity) <= MATCHED_SPARSITY
-
-    @property
-    def gap_recovered(self) -> float | None:
-        """(TEAL - SPON) / (TEAL - dense), only at matched sparsity and with a gap to recover."""
-        gap = self.teal - self.dense
-        return (self.teal - self.spon) / gap if self.matched and gap > 0 else None
-
-    def gap_note(self) -> str:
-        """Why `gap_recovered` is what it is, in words for the user."""
-        if not self.matched:
-            return (f"not reported: TEAL ran at sparsity {self.teal_sparsity:.3f} and SPON at "
-                    f"{self.spon_sparsity:.3f} on these windows, more than {MATCHED_SPARSITY} apart")
-        if self.teal <= self.dense:
-            return "not reported: TEAL is no worse than dense here, there is no gap to recover"
-        return (f"at matched sparsity (TEAL {self.teal_sparsity:.3f}, SPON {self.spon_sparsity:.3f}): "
-                "(TEAL - SPON) / (TEAL - dense)")
-
-
-class SponConfig(_Strict):
-    """`spon/config.json`."""
-
-    format: Literal["spon"] = "spon"
-    format_version: int
-    layout: Literal["full", "overlay"]
-    base_model: BaseModelRef
-    method: Literal["teal", "spon"] = Field(description="teal: thresholds only; spon: thresholds + biases")
-    bias_space: Literal["input", "output"] | None = Field(
-        default=None, description="where the SPON vectors were learned before fusion (None for teal)"
-    )
-    target_sparsity: float = Field(ge=0, lt=1)
-    achieved_sparsity: float = Field(ge=0, le=1, description="parameter-weighted, on calibration tokens")
-    projections: Projections = Field(description="which projections of every block are sparsified")
-    thresholds: dict[str, float] = Field(description="module name -> threshold (a copy of the tensors)")
-    teal_thresholds: dict[str, float] | None = Field(
-        default=None,
-        description="module name -> TEAL's own threshold, fitted for TEAL before SPON training: the baseline "
-        "`eval` compares SPON against at matched sparsity (None in hand-made checkpoints)",
-    )
-    module_sparsity: dict[str, float] = Field(description="module name -> sparsity on calibration tokens")
-    calibration: CalibrationInfo
-    perplexity: PerplexityReport | None = None
-    created_at: str
-    vllm_spon_version: str
-
-    @field_validator("format_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(
-                f"unknown format_version {v}: this vllm-spon reads version {FORMAT_VERSION}; "
-                "re-run `vllm-spon calibrate` or install the vllm-spon release that wrote it"
-            )
-        return v
-
-    @field_validator("thresholds", "teal_thresholds")
-    @classmethod
-    def _finite_non_negative(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        bad = {k: t for k, t in (v or {}).items() if not (math.isfinite(t) and t >= 0)}
-        if bad:
-            raise ValueError(f"thresholds must be finite and >= 0: {bad}")
-        return v
-
-    @model_validator(mode="after")
-    def _bias_space_matches_method(self) -> "SponConfig":
-        if (self.method == "spon") != (self.bias_space is not None):
-            raise ValueError("bias_space is required for method 'spon' and must be null for method 'teal'")
-        return self
-
-    @model_validator(mode="after")
-    def _teal_thresholds_cover_the_modules(self) -> "SponConfig":
-        if self.teal_thresholds is not None and set(self.teal_thresholds) != set(self.thresholds):
-            odd = sorted(set(self.teal_thresholds) ^ set(self.thresholds))
-            raise ValueError(f"teal_thresholds and thresholds name different modules (e.g. {odd[0]})")
-        return self
 
 
 class SponCheckpoint:
-    """A validated checkpoint in memory: config plus tensors keyed by Hugging Face module name."""
+    """A validated checkpoint in memory: config plus tensors keyed by Hugging Face module name, and the
+    family of the model it belongs to."""
 
-    def __init__(
-        self, config: SponConfig, thresholds: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]
-    ):
+    def __init__(self, config: SponConfig, family: Family, thresholds: dict[str, torch.Tensor],
+                 biases: dict[str, torch.Tensor]):
         self.config = config
+        self.family = family
         self.thresholds = thresholds
         self.biases = biases
 
@@ -232,13 +65,14 @@ class SponCheckpoint:
         """One line for logs: what is sparsified and how hard."""
         values = torch.stack([self.thresholds[m] for m in self.modules])
         c = self.config
+        achieved = ("hand-made, not calibrated" if c.achieved_sparsity is None
+                    else f"achieved {c.achieved_sparsity:.3f} on calibration tokens")
         return (
-            f"{c.method.upper()} checkpoint: {len(self.modules)} linears ({', '.join(c.projections)}), "
-            f"target sparsity {c.target_sparsity:.2f}, achieved {c.achieved_sparsity:.3f} on calibration tokens, "
+            f"{c.method.upper()} checkpoint of a {self.family.name} model: {len(self.modules)} linears "
+            f"({', '.join(c.projections)}), target sparsity {c.target_sparsity:.2f}, {achieved}, "
             f"thresholds min {values.min():.4g} / median {values.median():.4g} / max {values.max():.4g}, "
             f"{len(self.biases)} fused biases"
         )
-
 
 def spon_dir(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint) / SPON_DIR
@@ -284,10 +118,10 @@ def load_checkpoint(checkpoint: str | os.PathLike, check_weights: bool = True) -
     """
     config = read_config(checkpoint)
     _check_links(checkpoint, config)
-    check_base_model(config, checkpoint, check_weights=check_weights)
+    check_base_model(config.base_model, checkpoint, spon_dir(checkpoint) / CONFIG_FILE, check_weights=check_weights)
     thresholds, biases = _read_tensors(spon_dir(checkpoint) / TENSORS_FILE)
     validate_contents(spon_dir(checkpoint), config, read_hf_config(checkpoint), thresholds, biases)
-    return SponCheckpoint(config, thresholds, biases)
+    return SponCheckpoint(config, model_family(checkpoint), thresholds, biases)
 
 
 def _check_links(checkpoint: str | os.PathLike, config: SponConfig) -> None:
@@ -328,18 +162,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
 
 def module_out_features(hf_config: dict, projections: tuple[str, ...], source: str) -> dict[str, int]:
-    """Every sparsified module of a Llama-style model, in model order, with its output size."""
-    try:
-        layers, hidden = int(hf_config["num_hidden_layers"]), int(hf_config["hidden_size"])
-        heads, intermediate = int(hf_config["num_attention_heads"]), int(hf_config["intermediate_size"])
-        kv_heads = int(hf_config.get("num_key_value_heads") or heads)
-        head_dim = int(hf_config.get("head_dim") or hidden // heads)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: a Llama-style config needs {e} (an integer)") from None
-    sizes = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
-             "o_proj": hidden, "gate_proj": intermediate, "up_proj": intermediate, "down_proj": hidden}
-    return {f"model.layers.{i}.{PROJECTION_PARENT[p]}.{p}": sizes[p]
-            for i in range(layers) for p in ALL_PROJECTIONS if p in projections}
+    """Every sparsified module of the model, in model order, with its output size (its family's table)."""
+    return family_of(hf_config, source).modules(ModelShape.from_hf_config(hf_config, source), projections)
 
 
 def validate_contents(
@@ -352,9 +176,16 @@ def validate_contents(
     """The config's claims against the model's modules, and every tensor against the config and the model:
     run on what `load_checkpoint` read and on what calibration is about to write (`directory` = `spon/`)."""
     config_file, tensors_file = directory / CONFIG_FILE, directory / TENSORS_FILE
-    out_features = module_out_features(hf_config, config.projections, f"{directory.parent}/config.json")
+    source = f"{directory.parent}/config.json"
+    family = family_of(hf_config, source)
+    foreign = sorted(set(config.projections) - set(family.projections))
+    if foreign:
+        raise CheckpointError(f"{config_file}: projections {foreign} are not linears of a {family.name} block "
+                              f"({', '.join(family.projections)}); the checkpoint was made for another model")
+    out_features = module_out_features(hf_config, config.projections, source)
     expected = set(out_features)
-    for claim, names in (("thresholds", config.thresholds), ("module_sparsity", config.module_sparsity)):
+    claims = (("thresholds", config.thresholds), ("module_sparsity", config.module_sparsity or {}))
+    for claim, names in claims[:1] if config.handmade else claims:
         if set(names) != expected:
             missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
             raise CheckpointError(
@@ -365,9 +196,10 @@ def validate_contents(
                 + f", though projections are {list(config.projections)}; the checkpoint was edited or made for "
                 "another model, re-run calibration"
             )
-    low = min(config.module_sparsity.values(), default=0.0)
-    high = max(config.module_sparsity.values(), default=1.0)
-    if not (low >= 0 and high <= 1 and low - 1e-6 <= config.achieved_sparsity <= high + 1e-6):
+    low = min((config.module_sparsity or {}).values(), default=0.0)
+    high = max((config.module_sparsity or {}).values(), default=1.0)
+    achieved = config.achieved_sparsity
+    if achieved is not None and not (low >= 0 and high <= 1 and low - 1e-6 <= achieved <= high + 1e-6):
         raise CheckpointError(
             f"{config_file}: achieved_sparsity {config.achieved_sparsity} is not a weighted mean of "
             f"module_sparsity (range {low}..{high}, each in [0, 1]); the config was edited, re-run calibration"
@@ -415,7 +247,7 @@ def validate_contents(
             raise CheckpointError(f"{tensors_file}: tensor {name} holds NaN or Inf values")
 
 
-def check_output(output: Path, model_dir: Path, layout: Literal["full", "overlay"], overwrite: bool) -> None:
+def check_output(output: Path, model_dir: Path, layout: Layout, overwrite: bool) -> None:
     """Refuse, before any heavy work, an output that would lose the user's files or cannot be written.
 
     Only a previous checkpoint is ever replaced (with `overwrite`); an output equal to, inside, linked into or
@@ -455,9 +287,11 @@ def _linked(item: Path) -> bool:
     return item.suffix == ".safetensors" or item.stat().st_size >= OVERLAY_COPY_MAX_BYTES
 
 
-def _checkpoint_bytes(model_dir: Path, layout: Literal["full", "overlay"]) -> int:
+def _checkpoint_bytes(model_dir: Path, layout: Layout) -> int:
     """About what `write_checkpoint` will write: the SPON tensors, plus the base model's files it copies."""
-    sizes = module_out_features(read_hf_config(model_dir), ALL_PROJECTIONS, str(model_dir))
+    hf_config = read_hf_config(model_dir)
+    family = family_of(hf_config, str(model_dir))
+    sizes = module_out_features(hf_config, family.projections, str(model_dir))
     spon = 4 * (sum(sizes.values()) + len(sizes)) + 2**20  # float32 biases and thresholds, config, headers
     copied = [p for item in _base_files(model_dir) if layout == "full" or (item.is_file() and not _linked(item))
               for p in ([item] if item.is_file() else item.rglob("*")) if p.is_file()]
@@ -500,112 +334,3 @@ def write_checkpoint(
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """A Hugging Face `config.json` as a dict; a missing or unreadable one is named."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} is not a Hugging Face model directory: {path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return cfg
-
-
-def hf_config_identity(model_dir: str | os.PathLike) -> tuple[str, dict[str, int]]:
-    """(architecture, shape fields) of a Hugging Face model directory; refuses unsupported architectures."""
-    cfg = read_hf_config(model_dir)
-    archs = cfg.get("architectures") or ["?"]
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"{Path(model_dir) / 'config.json'}: architecture {archs[0]} is not supported; vllm-spon supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    try:
-        shape = {k: int(cfg[k]) for k in SHAPE_FIELDS if k in cfg}
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(model_dir) / 'config.json'}: a shape field is not an integer ({e})") from None
-    if "num_key_value_heads" not in shape and "num_attention_heads" in shape:
-        shape["num_key_value_heads"] = shape["num_attention_heads"]
-    return archs[0], shape
-
-
-def probe_sha256(model_dir: str | os.PathLike, tensor_name: str = PROBE_TENSOR) -> str:
-    """sha256 of one weight tensor's values (as float32), read from the model's safetensors files."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(
-            f"{model_dir} has no *.safetensors files; vllm-spon reads weights only from safetensors "
-            "(never pickles): convert the model with `save_pretrained(..., safe_serialization=True)`"
-        )
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                if tensor_name in f.keys():  # noqa: SIM118
-                    values = f.get_tensor(tensor_name).to(torch.float32).contiguous()
-                    return hashlib.sha256(values.numpy().tobytes()).hexdigest()
-        except Exception as e:  # safetensors' own error types, OSError
-            raise CheckpointError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{model_dir}: no safetensors file holds {tensor_name}")
-
-
-def base_model_ref(model_dir: str | os.PathLike) -> BaseModelRef:
-    """The identity of a supported base model (checks its config and weights files before any heavy work)."""
-    arch, shape = hf_config_identity(model_dir)
-    return BaseModelRef(
-        path=str(Path(model_dir).resolve()), architecture=arch, shape=shape, probe_sha256=probe_sha256(model_dir)
-    )
-
-
-def check_base_model(config: SponConfig, model_dir: str | os.PathLike, check_weights: bool = True) -> None:
-    """Refuse a checkpoint made for another base model (architecture, shapes, a probe weight)."""
-    arch, shape = hf_config_identity(model_dir)
-    ref = config.base_model
-    if arch != ref.architecture or shape != ref.shape:
-        raise CheckpointError(
-            f"{spon_dir(model_dir) / CONFIG_FILE} was calibrated for {ref.architecture} {ref.shape} "
-            f"({ref.path}) but {model_dir}/config.json describes {arch} {shape}; calibrate this model instead"
-        )
-    if check_weights and probe_sha256(model_dir, ref.probe_tensor) != ref.probe_sha256:
-        raise CheckpointError(
-            f"{spon_dir(model_dir) / CONFIG_FILE}: the weights of {model_dir} are not those the checkpoint was "
-            f"calibrated on (tensor {ref.probe_tensor} differs from {ref.path}); calibrate this model instead"
-        )
-
-
-def make_checkpoint(
-    model_dir: str | Path,
-    output: str | Path,
-    thresholds: dict[str, float],
-    biases: dict[str, torch.Tensor] | None = None,
-    layout: Literal["full", "overlay"] = "full",
-    target_sparsity: float = 0.5,
-    projections: tuple[str, ...] = ALL_PROJECTIONS,
-) -> Path:
-    """Write a checkpoint with exactly the given per-module thresholds and fused biases, no calibration run:
-    for thresholds chosen by hand (tests) or fitted elsewhere (the synthetic GPU benchmark)."""
-    biases = biases or {}
-    config = SponConfig(
-        format_version=FORMAT_VERSION,
-        layout=layout,
-        base_model=base_model_ref(model_dir),
-        method="spon" if biases else "teal",
-        bias_space="output" if biases else None,
-        target_sparsity=target_sparsity,
-        achieved_sparsity=target_sparsity,
-        projections=projections,
-        thresholds=dict(thresholds),
-        module_sparsity={m: target_sparsity for m in thresholds},
-        calibration=CalibrationInfo(
-            data="hand-made", num_tokens=1, window=1, threshold_stats="dense", allocation="uniform",
-            steps=0, lr=0.0, tokens_per_step=0, seed=0, seconds=0.0,
-        ),
-        created_at=now_iso(),
-        vllm_spon_version=__version__,
-    )
-    return write_checkpoint(output, model_dir, config, thresholds, biases, overwrite=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-logger = logging.getLogger("vllm_spon.calibration")
+logger = logging.getLogger("vllm_spon.format")
 
 # In every finished output directory: lets `overwrite` tell vllm-spon's own outputs from the user's files.
 OWNER_MARKER = ".vllm-spon"

@@ -1,0 +1,90 @@
+"""Talking to a vLLM engine in the tests: generation and log-probabilities as token ids, and probes run inside
+its workers (`LLM.apply_model` / `collective_rpc` pickle them by reference: they must live in an importable
+module, this one) with what each rank should hold, worked out from the checkpoint and the family's table."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from tests.reference_cases import MAX_TOKENS
+from vllm_spon import server
+from vllm_spon.format.checkpoint import load_checkpoint
+
+# The tests' engine settings: eager (fast start), a short context, seeded.
+ENGINE_KWARGS = {"enforce_eager": True, "max_model_len": 512, "seed": 0}
+
+
+@contextmanager
+def engine(model: str, **kwargs) -> Iterator:
+    """`server.engine` with the tests' settings."""
+    with server.engine(model, **{**ENGINE_KWARGS, **kwargs}) as llm:
+        yield llm
+
+def generate_tokens(llm, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def prompt_logprobs(llm, sequences: list[list[int]]) -> list[list[float]]:
+    """vLLM's log p of each token of each sequence after the first (teacher forcing, one prefill each)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+    return [
+        [o.prompt_logprobs[j][s[j]].logprob for j in range(1, len(s))] for s, o in zip(sequences, outputs, strict=True)
+    ]
+
+
+def spon_state(model) -> dict[str, dict]:
+    """In a worker (`LLM.apply_model`): each SPON layer's method, thresholds and fused bias on this rank."""
+    from vllm_spon.linear_method import SponLinearMethod
+
+    state = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, SponLinearMethod):
+            bias = getattr(module, "spon_bias", None)
+            state[name] = {
+                "method": f"{type(method).__name__}({type(method.inner).__name__})",
+                "thresholds": module.spon_threshold.tolist(),
+                "bias": None if bias is None else bias.float().tolist(),
+                "adds_bias": method.adds_bias,
+            }
+    return state
+
+
+def worker_additional_config(worker) -> dict:
+    """In a worker (`LLM.collective_rpc`): the config that vLLM's compile-cache key hashes."""
+    return dict(worker.vllm_config.additional_config)
+
+
+def expected_state(checkpoint_dir: str, tp_rank: int, tp_size: int) -> dict[str, dict]:
+    """What each vLLM layer of rank `tp_rank` should hold, computed from the checkpoint by hand: per
+    segment the module's threshold; the bias rows of this rank (column parallel: its slice of each fused
+    module, row parallel: all of it, added on rank 0 only)."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    family = checkpoint.family
+    state = {}
+    for module in checkpoint.modules:
+        index, projection = family.parse(module)
+        members = family.vllm_layers()[projection.vllm_layer]
+        if projection.name != members[0]:
+            continue  # one entry per vLLM layer, made at its first member
+        modules = [family.module(index, p) for p in members]
+        biases = [checkpoint.biases[m] for m in modules]
+        column = projection.parallel == "column"
+        if column:
+            biases = [b.chunk(tp_size)[tp_rank] for b in biases]
+        state[f"{module.rsplit('.', 1)[0]}.{projection.vllm_layer}"] = {
+            "thresholds": [checkpoint.config.thresholds[m] for m in modules],
+            "bias": torch.cat(biases).tolist(),
+            "adds_bias": column or tp_rank == 0,
+        }
+    return dict(sorted(state.items()))
