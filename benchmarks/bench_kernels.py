@@ -18,10 +18,15 @@ per-segment thresholds instead, which cost the kernels the same). "ideal" is 1 /
 some token keeps).
 
 --fp8 (one token): the one-token kernels on float8_e4m3 weights `[in, out]` with a per-output-channel scale
-(bf16 x, no activation quantization) for each of FP8_CANDIDATES, against `torch._scaled_mm` on the same fp8
-weight in cuBLAS's layout (x quantized beforehand, per-tensor scales: vLLM's fp8 linear minus its activation
-quantization kernel, so the ratios are conservative) and bf16 cuBLAS. It writes the TUNED_FP8 entries the
-MARGIN / FP8_FLOOR rules pick (best geometric mean over TUNE_SPARSITIES) into DIR/tuned_fp8.txt.
+and the fused bias (bf16 x, no activation quantization), against two baselines on the same fp8 weights in
+cuBLAS's layout: "mm", `torch._scaled_mm` alone on an x quantized beforehand (vLLM's fp8 linear where its
+activation quantization is fused into the op producing x), and "q+mm", a one-kernel dynamic per-tensor
+activation quantization (amax and cast in one program, what Inductor makes of vLLM's QuantFP8) followed by
+`_scaled_mm`; bf16 cuBLAS alongside; with vLLM importable also vLLM's own `scaled_fp8_quant` and
+`cutlass_scaled_mm`. Every row prints the ratio to both. --tune sweeps `fp8_candidates` (all at s=0.5, the
+FINALISTS best at s=0 and 0.75) and writes the TUNED_FP8 entries the MARGIN / FP8_FLOOR rules pick against
+"mm" (the stricter baseline) into DIR/tuned_fp8.txt; without --tune the committed TUNED_FP8 is measured
+through `sparse_linear_fp8`. Both end with the table at TABLE_FP8_SPARSITIES.
 """
 
 import argparse
@@ -38,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from vllm_spon import kernels
 from vllm_spon.kernels import configs
@@ -63,12 +69,10 @@ INPUT_SETS = 8
 ROTATION_BYTES = 1e9  # weight copies per shape
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
-FP8_SHAPES = ("gate_up 4096->14336", "down 14336->4096", "qkv 4096->6144", "o 4096->4096")
-FP8_CANDIDATES = [  # the H200 bf16 table's kernels, column tiles doubled (a byte a weight: same bytes a row)
-    *(ts.Config("rows", bn, 16, num_warps=4, groups=16, splits=sp) for bn in (1024, 2048) for sp in (2, 4)),
-    *(ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in ((2048, 4), (2048, 8))),
-]
+FP8_SHAPES = ("gate_up 4096->14336", "down 14336->4096", "qkv 4096->6144", "o 4096->4096",
+              "gate_up fused 4096->2x14336")  # fmt: skip
 FP8_FLOOR = 0.97  # a chosen fp8 config must reach this ratio to _scaled_mm at sparsity 0
+TABLE_FP8_SPARSITIES = (0.0, 0.5, 0.75, 0.9)
 
 
 def bench_us(calls: list[Callable[[], object]], replays: int = 10, repeats: int = 9) -> float:
@@ -159,48 +163,75 @@ class Case:
         return torch.full((tokens, self.n), float("nan"), dtype=DTYPE, device="cuda")
 
 
-def candidates(tokens: int) -> list[ts.Config]:
-    """The sweep, pruned by two H200 runs (kernels/NOTES.md). One token: the kept-rows kernel over column
-    tile, group, block of inputs, warps (32-128 weight elements a thread holds) and programs per block,
-    and the one-tile GEMV at its best configs. More tokens: the tensor-core union kernel at its best H100
-    configs (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed)."""
+def _compact_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
+    """The compacting kernels for W^T `[k, n]`: FMA form with column tiles of 16 bytes a thread across the
+    warps (the row sum stays in each thread), tensor-core form with 64-1024 columns; blocks of 256-1024
+    inputs and splits such that the grid has 128-1100 programs and a program 1-4 groups of kept rows at 50%."""
+    per_warp = 32 * 16 // elem_bytes  # columns of one warp's 16-byte loads
+    shapes = [("compact", per_warp * nw, nw, bm, blocks) for nw in (2, 4, 8) for bm in (8, 16, 32)
+              for blocks in [(256, 512)]]  # fmt: skip
+    shapes += [("compact_mma", bn, nw, bm, (256, 512, 1024)) for bn, nw in ((128, 4), (256, 4), (512, 4), (512, 8),
+               (1024, 8)) for bm in (32, 64) if bn * bm * elem_bytes // (32 * nw) <= 256]  # fmt: skip
+    out = []
+    for kind, bn, nw, bm, blocks in shapes:
+        for block, splits in itertools.product(blocks, (1, 2, 4)):
+            programs = math.ceil(n / bn) * math.ceil(k / block) * splits
+            groups_at_half = block / (2 * bm * splits)
+            if bm < block and 128 <= programs <= 1100 and 1 <= groups_at_half <= 4:
+                out.append(ts.Config(kind, bn, bm, num_warps=nw, groups=block // bm, splits=splits))
+    return out
+
+
+def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
+    """The bf16 sweep for W^T `[k, n]`, pruned by the H200 runs (kernels/NOTES.md). One token: the
+    compacting kernels (`_compact_candidates`), the kept-rows kernel at the configs that won before, and the
+    one-tile GEMV at its best configs. More tokens: the tensor-core union kernel at its best H100 configs
+    (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed)."""
     if tokens > 1:
         return [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
-    out = []
-    for bn, bm, block, nw, splits in itertools.product((256, 512, 1024), (16, 32), (128, 256), (2, 4, 8), (1, 2, 4)):
-        if 32 <= bm * bn // (32 * nw) <= 128 and splits <= block // bm:
-            out.append(ts.Config("rows", bn, bm, num_warps=nw, groups=block // bm, splits=splits))
+    out = _compact_candidates(k, n, 2)
+    for bn, nw, splits in itertools.product((512, 1024), (2, 4), (1, 2, 4)):
+        out.append(ts.Config("rows", bn, 16, num_warps=nw, groups=16, splits=splits))
     gemv = ((512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8))
     return out + [ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in gemv]
 
 
-def _compile_worker(tasks: list[tuple[int, list[int], int, ts.Config]]) -> list[str]:
+def fp8_candidates(k: int, n: int) -> list[ts.Config]:
+    """The fp8 sweep (one byte a weight): the compacting kernels, and run 1's best GEMV and kept-rows."""
+    return [*_compact_candidates(k, n, 1), ts.Config("gemv", 2048, 32, num_warps=4),
+            ts.Config("rows", 2048, 16, num_warps=4, groups=16, splits=4)]  # fmt: skip
+
+
+def _compile_worker(tasks: list[tuple[int, list[int], int, ts.Config, bool]]) -> list[str]:
     """Run each task once so that Triton compiles it into the on-disk cache (many processes at once)."""
     errors, weights = [], {}
-    for k, ends, tokens, config in tasks:
-        key = (k, ends[-1])
+    for k, ends, tokens, config, fp8 in tasks:
+        key = (k, ends[-1], fp8)
         if key not in weights:
             weights[key] = torch.randn(k, ends[-1], device="cuda", dtype=DTYPE)
+            if fp8:
+                weights[key] = weights[key].to(FP8)
         x = torch.randn(tokens, k, device="cuda", dtype=DTYPE)
         b = torch.zeros(ends[-1], device="cuda", dtype=DTYPE)
+        scale = torch.ones(ends[-1], device="cuda") if fp8 else None
         try:
-            ts.launch(x, weights[key], torch.zeros(len(ends), device="cuda"), ends, b, config)
+            ts.launch(x, weights[key], torch.zeros(len(ends), device="cuda"), ends, b, config, weight_scale=scale)
         except Exception as e:  # reported, and the config is skipped later
             errors.append(f"{config}: {type(e).__name__}: {str(e)[:200]}")
     torch.cuda.synchronize()
     return errors
 
 
-def precompile(cases: dict[str, "Case"], procs: int) -> None:
+def precompile(cases: dict[str, "Case"], procs: int, tokens_list=TOKENS, fp8: bool = False) -> None:
     """Compile every candidate once (a binary serves all shapes that tile alike), in parallel processes."""
     tasks, seen = [], set()
     for c in cases.values():
-        for tokens in TOKENS:
-            for config in candidates(tokens):
+        for tokens in tokens_list:
+            for config in fp8_candidates(c.k, c.n) if fp8 else candidates(tokens, c.k, c.n):
                 key = (tokens, dataclasses.replace(config, bn=ts.tile_n(config.bn, c.ends)))
                 if key not in seen:
                     seen.add(key)
-                    tasks.append((c.k, c.ends, tokens, config))
+                    tasks.append((c.k, c.ends, tokens, config, fp8))
     t0 = time.time()
     chunks = [tasks[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
@@ -210,17 +241,17 @@ def precompile(cases: dict[str, "Case"], procs: int) -> None:
         print("  ", e)
 
 
-def tune(cases: dict[str, Case], log) -> dict:
+def tune(cases: dict[str, Case], log, tokens_list=TOKENS) -> dict:
     """Per (in, out, token bucket): the sparse config with the best geometric-mean time over TUNE_SPARSITIES
     if that beats cuBLAS by MARGIN, else None (dense); from FLOOR_TOKENS tokens on, where the union of the
     rows leaves little to skip, only among configs within FLOOR of cuBLAS at sparsity 0."""
     table = {}
     for name, case in cases.items():
-        for tokens in TOKENS:
+        for tokens in tokens_list:
             dense = min(case.dense_us(tokens))
             floor = FLOOR if tokens >= FLOOR_TOKENS else 0.0
             results = []
-            for config in candidates(tokens):
+            for config in candidates(tokens, case.k, case.n):
 
                 def run(i, w, out=None, c=case, config=config):
                     return ts.launch(i.x, w, i.thresholds, c.ends, c.bias, config, out=out)
@@ -326,72 +357,183 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def measure_fp8(log) -> tuple[list[dict], dict]:
-    """One token on float8 weights, per FP8_SHAPES shape: the rows of `_fp8_shape`, and the TUNED_FP8 entry
-    (the best geometric mean if it beats `_scaled_mm` by MARGIN and reaches FP8_FLOOR of it at s = 0)."""
-    rows, table = [], {}
-    for name in FP8_SHAPES:
-        k, ends = SHAPES[name]
-        shape_rows = _fp8_shape(Case(k, ends), name, log)
-        rows += shape_rows
+@triton.jit
+def _quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr):
+    """Dynamic per-tensor fp8 quantization of one token in one program: scale = amax / 448, q = x / scale."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+    tl.store(s_ptr, scale)
+    tl.store(q_ptr + offs, (x / scale).to(tl.float8e4nv), mask=offs < K)
+
+
+class Fp8Case:
+    """The fp8 copies of a Case's weights (per-output-channel amax scales): `[in, out]` row-major for the
+    kernels and the same bytes column-major for `_scaled_mm`; the baselines' µs, measured once."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.weights = []  # (fp8 [in, out] row-major, its scale, the same weight column-major)
+        for w in case.w:
+            scale = (w.float().abs().amax(dim=0) / 448.0).clamp_min(1e-12)
+            w8 = (w.float() / scale).to(FP8)
+            self.weights.append((w8, scale, w8.t().contiguous().t()))
+        self.baselines = self._baselines()
+
+    def _baselines(self) -> dict[str, float]:
+        case, one = self.case, torch.ones((), device="cuda")
+        x8 = {id(i): (i.x.float() / (i.x.float().abs().amax() / 448.0)).to(FP8) for i in case.inputs(1, 0.0)}
+        q = torch.empty(1, case.k, dtype=FP8, device="cuda")
+        qs = torch.empty((), device="cuda")
+        block = triton.next_power_of_2(case.k)
+
+        def quant(x):
+            _quant_fp8_kernel[(1,)](x, q, qs, case.k, BLOCK=block, num_warps=16)
+            return q, qs
+
+        def mm(i, w):
+            return torch._scaled_mm(x8[id(i)], w[2], one, one, out_dtype=DTYPE)
+
+        def qmm(i, w):
+            xq, sx = quant(i.x)
+            return torch._scaled_mm(xq, w[2], sx, one, out_dtype=DTYPE)
+
+        i0 = case.inputs(1, 0.0)[0]
+        ref = i0.x.float() @ self.weights[0][0].float()  # scale_b is one: the weight's raw fp8 values
+        err = float((qmm(i0, self.weights[0]).float() - ref).norm() / ref.norm())
+        out = {"mm": bench_us(case.calls(mm, 1, 0.0, self.weights)),
+               "q+mm": bench_us(case.calls(qmm, 1, 0.0, self.weights)),
+               "bf16": min(case.dense_us(1)), "q+mm rel err": err}  # fmt: skip
+        try:  # vLLM's own kernels, where vLLM is installed (the e2e call)
+            from vllm import _custom_ops as ops
+
+            def vq(i, w):
+                xq, sx = ops.scaled_fp8_quant(i.x, None)
+                return ops.cutlass_scaled_mm(xq, w[2], sx, one.reshape(1), out_dtype=DTYPE)
+
+            def vmm(i, w):
+                return ops.cutlass_scaled_mm(x8[id(i)], w[2], one.reshape(1), one.reshape(1), out_dtype=DTYPE)
+
+            out["vllm cutlass"] = bench_us(case.calls(vmm, 1, 0.0, self.weights))
+            out["vllm quant+cutlass"] = bench_us(case.calls(vq, 1, 0.0, self.weights))
+        except Exception as e:  # no vLLM here
+            out["vllm"] = f"{type(e).__name__}: {str(e)[:120]}"
+        return out
+
+    def run_fn(self, config: ts.Config | None):
+        """fn(inputs, w) of the kernel under `config`, or of the plugin's entry (the committed table) if None."""
+        from vllm_spon.kernels.fp8 import sparse_linear_fp8
+
+        c = self.case
+        if config is None:
+            return lambda i, w: sparse_linear_fp8(i.x, w[0], w[1], i.thresholds, c.ends, c.bias)
+        return lambda i, w: ts.launch(i.x, w[0], i.thresholds, c.ends, c.bias, config, weight_scale=w[1])
+
+    def check(self, fn, s: float) -> float:
+        i0 = self.case.inputs(1, s)[0]
+        w8, scale, _ = self.weights[0]
+        ref = sparse_linear_reference(i0.x.float(), w8.float() * scale, i0.thresholds, self.case.ends, self.case.bias)
+        y = fn(i0, self.weights[0]).float()
+        return float((y - ref).norm() / ref.norm()) if not y.isnan().any() else math.nan
+
+    def time(self, fn, s: float) -> float:
+        return bench_us(self.case.calls(fn, 1, s, self.weights))
+
+
+def tune_fp8(fcases: dict[str, Fp8Case], log) -> dict:
+    """Per shape: every fp8 candidate at s = 0.5, the FINALISTS best at s = 0 and 0.75; the TUNED_FP8 entry
+    is the best geometric mean over TUNE_SPARSITIES if it beats "mm" (`_scaled_mm` alone) by MARGIN and
+    reaches FP8_FLOOR of it at s = 0, else None (vLLM's fp8 matmul)."""
+    table = {}
+    for name, fc in fcases.items():
+        base = fc.baselines["mm"]
+        results = []
+        for config in fp8_candidates(fc.case.k, fc.case.n):
+            fn = fc.run_fn(config)
+            try:
+                err = fc.check(fn, 0.5)
+                if not err < 1e-2:
+                    print(f"WRONG fp8 {name} {config}: rel err {err:.2e}", flush=True)
+                    continue
+                results.append([fc.time(fn, 0.5), config, fn])
+            except Exception as e:
+                print(f"FAILED fp8 {name} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        results.sort(key=lambda r: r[0])
+        finalists = []
+        for us, config, fn in results[:FINALISTS]:
+            times = [us] + [fc.time(fn, s) for s in TUNE_SPARSITIES[1:]]
+            finalists.append((math.exp(sum(map(math.log, times)) / len(times)), times, config))
+        finalists.sort(key=lambda f: f[0])
         s0 = TUNE_SPARSITIES.index(0.0)
-        base = shape_rows[0]["scaled_mm_us"]
-        fit = [r for r in sorted(shape_rows, key=lambda r: r["geomean_us"])
-               if r["geomean_us"] < MARGIN * base and base / r["us"][s0] >= FP8_FLOOR]  # fmt: skip
-        table[(k, ends[-1], 1)] = fit[0]["config_obj"] if fit else None
-    for r in rows:
-        del r["config_obj"]
-    return rows, table
-
-
-def _fp8_shape(case: Case, name: str, log) -> list[dict]:
-    """FP8_CANDIDATES on fp8 copies of the case's weights (per-output-channel amax scales) at TUNE_SPARSITIES,
-    `torch._scaled_mm` on the same weights in cuBLAS's column-major layout, bf16 cuBLAS."""
-    one = torch.ones((), device="cuda")
-    weights = []  # (fp8 [in, out] row-major, its scale, the same weight column-major)
-    for w in case.w:
-        scale = (w.float().abs().amax(dim=0) / 448.0).clamp_min(1e-12)
-        w8 = (w.float() / scale).to(FP8)
-        weights.append((w8, scale, w8.t().contiguous().t()))
-    x8 = {id(i): (i.x.float() / (i.x.float().abs().amax() / 448.0)).to(FP8) for i in case.inputs(1, 0.0)}
-    scaled_us = bench_us(
-        case.calls(lambda i, w: torch._scaled_mm(x8[id(i)], w[2], one, one, out_dtype=DTYPE), 1, 0.0, weights)
-    )
-    bf16_us = case.dense_us(1)[0]
-    rows = []
-    for config in FP8_CANDIDATES:
-
-        def run(i, w, config=config):
-            return ts.launch(i.x, w[0], i.thresholds, case.ends, None, config, weight_scale=w[1])
-
-        times, errs = [], []
-        for s in TUNE_SPARSITIES:
-            i0 = case.inputs(1, s)[0]
-            w8, scale, _ = weights[0]
-            ref = sparse_linear_reference(i0.x.float(), w8.float() * scale, i0.thresholds, case.ends)
-            errs.append(float((run(i0, weights[0]).float() - ref).norm() / ref.norm()))
-            times.append(bench_us(case.calls(run, 1, s, weights)))
-        row = {"shape": name, "config": repr(config), "config_obj": config, "scaled_mm_us": scaled_us,
-               "bf16_us": bf16_us, "us": times, "geomean_us": math.exp(sum(map(math.log, times)) / len(times)),
-               "rel_err": max(errs)}  # fmt: skip
-        rows.append(row)
-        log.write(json.dumps({k: v for k, v in row.items() if k != "config_obj"}) + "\n")
+        fit = [f for f in finalists if f[0] < MARGIN * base and base / f[1][s0] >= FP8_FLOOR]
+        choice = fit[0][2] if fit else None
+        table[(fc.case.k, fc.case.n, 1)] = choice
+        rec = {"shape": name, "baselines": fc.baselines, "chosen": repr(choice),
+               "finalists": [(f[0], dict(zip(TUNE_SPARSITIES, f[1], strict=True)), repr(f[2])) for f in finalists],
+               "top": [(r[0], repr(r[1])) for r in results[:24]]}  # fmt: skip
+        log.write(json.dumps(rec) + "\n")
         log.flush()
-        ratios = " ".join(f"s={s}: {t:.1f} ({scaled_us / t:.2f}x)" for s, t in zip(TUNE_SPARSITIES, times, strict=True))
-        print(f"fp8 {name:20} _scaled_mm {scaled_us:5.1f} bf16 {bf16_us:5.1f} | {config} {ratios} err {max(errs):.1e}",
-              flush=True)  # fmt: skip
+        for f in finalists:
+            ratios = " ".join(f"s={s}: {t:.1f} ({base / t:.2f}x)" for s, t in zip(TUNE_SPARSITIES, f[1], strict=True))
+            print(f"fp8 tune {name:28} mm {base:5.1f} | {f[2]} {ratios}", flush=True)
+        print(f"fp8 tune {name:28} -> {choice}", flush=True)
+    return table
+
+
+def measure_fp8(fcases: dict[str, Fp8Case], table: dict | None, log) -> list[dict]:
+    """The fp8 table: per shape and TABLE_FP8_SPARSITIES, the kernel (under `table`'s config, or through
+    `sparse_linear_fp8` with the committed TUNED_FP8 when table is None) against every baseline."""
+    rows = []
+    for name, fc in fcases.items():
+        key = (fc.case.k, fc.case.n, 1)
+        config = table.get(key) if table is not None else configs.select(*key, DTYPE, torch.device("cuda"), fp8=True)
+        fn = fc.run_fn(config) if table is not None else fc.run_fn(None)
+        for s in TABLE_FP8_SPARSITIES:
+            if config is None:  # the dense path: nothing of ours to time
+                us, err = math.nan, math.nan
+            else:
+                err = fc.check(fn, s)
+                us = fc.time(fn, s)
+            b = {k: v for k, v in fc.baselines.items() if isinstance(v, float) and "err" not in k}
+            row = {"shape": name, "sparsity": s, "us": us, "rel_err": err, "path": repr(config) if config else
+                   "vLLM fp8 matmul", "baselines_us": b, "ratios": {k: v / us for k, v in b.items()},
+                   "ideal": 1 / fc.case.union(1, s)}  # fmt: skip
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            r = row["ratios"]
+            extra = "".join(f" | {k} {b[k]:.1f} x{r[k]:.2f}" for k in b if k.startswith("vllm"))
+            print(f"fp8 {name:28} s={s:.2f} ours {us:6.1f} us | mm {b['mm']:5.1f} x{r['mm']:.2f} | q+mm "
+                  f"{b['q+mm']:5.1f} x{r['q+mm']:.2f} | bf16 {b['bf16']:5.1f} x{r['bf16']:.2f}{extra} | err {err:.1e} "
+                  f"{row['path']}", flush=True)  # fmt: skip
     return rows
 
 
 def fp8_markdown(rows: list[dict]) -> str:
-    """One line per (shape, config): the baselines' µs, then the kernel's µs (ratio to `_scaled_mm`)."""
-    out = ["| shape | config | _scaled_mm us | bf16 us | " + " | ".join(f"s={s}" for s in TUNE_SPARSITIES) + " |",
-           "| --- " * (4 + len(TUNE_SPARSITIES)) + "|"]  # fmt: skip
-    for r in rows:
-        cells = [f"{t:.1f} ({r['scaled_mm_us'] / t:.2f}x)" for t in r["us"]]
-        out.append(f"| {r['shape']} | {r['config']} | {r['scaled_mm_us']:.1f} | {r['bf16_us']:.1f} | "
-                   + " | ".join(cells) + " |")  # fmt: skip
+    """One line per shape: the baselines' µs, then ours µs (x ratio to "mm" / to "q+mm") per sparsity."""
+    out = ["| shape | mm us | q+mm us | bf16 us | " + " | ".join(f"s={s}" for s in TABLE_FP8_SPARSITIES)
+           + " | path |", "| --- " * (5 + len(TABLE_FP8_SPARSITIES)) + "|"]  # fmt: skip
+    for shape, group in itertools.groupby(rows, key=lambda r: r["shape"]):
+        group = list(group)
+        b = group[0]["baselines_us"]
+        cells = [f"{r['us']:.1f} ({r['ratios']['mm']:.2f}x / {r['ratios']['q+mm']:.2f}x)" for r in group]
+        out.append(f"| {shape} | {b['mm']:.1f} | {b['q+mm']:.1f} | {b['bf16']:.1f} | " + " | ".join(cells)
+                   + f" | {group[0]['path']} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def dump_kernels(path: Path) -> None:
+    """Registers, spills and shared memory of every compiled variant of the sparse kernels in this process."""
+    out = []
+    for fn in (ts._compact_kernel, ts._kept_rows_kernel, ts._gemv_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for key, k in cache[0].items():
+                    out.append({"kernel": fn.__name__, "key": str(key)[:400], "n_regs": k.n_regs,
+                                "n_spills": k.n_spills, "shared": k.metadata.shared})  # fmt: skip
+        except Exception as e:
+            out.append({"kernel": fn.__name__, "error": f"{type(e).__name__}: {e}"})
+    path.write_text(json.dumps(out, indent=1))
 
 
 def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
@@ -407,6 +549,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep configs and use the result")
     parser.add_argument("--fp8", action="store_true", help="float8 weights, one token (see above)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), choices=list(TOKENS),
+                        help="token buckets --tune sweeps (the others keep the committed table's entries)")
+    parser.add_argument("--no-table", action="store_true", help="--tune only, no table afterwards")
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -419,22 +564,38 @@ def main() -> None:
         flush=True,
     )
     if args.fp8:
+        shapes = [s for s in args.shapes if s in FP8_SHAPES]
+        fcases = {name: Fp8Case(Case(*SHAPES[name])) for name in shapes}
+        for name, fc in fcases.items():
+            print(f"fp8 baselines {name}: {fc.baselines}", flush=True)
+        table = None
+        if args.tune:
+            precompile({n: fc.case for n, fc in fcases.items()}, args.procs, (1,), fp8=True)
+            with open(args.out / "fp8_tune.jsonl", "w") as log:
+                table = tune_fp8(fcases, log)
+            (args.out / "tuned_fp8.txt").write_text("".join(f"    {k}: {v!r},\n" for k, v in sorted(table.items())))
         with open(args.out / "fp8.jsonl", "w") as log:
-            rows, table = measure_fp8(log)
-        (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "rows": rows}, indent=1))
+            rows = measure_fp8(fcases, table, log)
+        (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows},
+                                                      indent=1))  # fmt: skip
         (args.out / "fp8.md").write_text(fp8_markdown(rows))
-        (args.out / "tuned_fp8.txt").write_text("".join(f"    {k}: {v!r},\n" for k, v in sorted(table.items())))
+        dump_kernels(args.out / "fp8_kernels.json")
         print(fp8_markdown(rows), table)
         return
     cases = {name: Case(*SHAPES[name]) for name in args.shapes}
     if args.tune:
-        precompile(cases, args.procs)
+        tokens = tuple(args.tokens)
+        precompile(cases, args.procs, tokens)
         with open(args.out / "tune.jsonl", "w") as log:
-            table = tune(cases, log)
+            table = tune(cases, log, tokens)
+        committed = configs.table_for(props.name)
+        table = {**committed, **table}
         write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name)
-        tuned = configs.table_for(props.name)
-        tuned.clear()
-        tuned.update(table)
+        dump_kernels(args.out / "tune_kernels.json")
+        committed.clear()
+        committed.update(table)
+        if args.no_table:
+            return
     with open(args.out / "bench.jsonl", "w") as log:
         rows = measure(cases, log)
     (args.out / "bench.json").write_text(

@@ -29,7 +29,7 @@ def has_triton_cuda() -> bool:
 
 
 def prepare(device: torch.device, max_out_features: int) -> None:
-    """Allocate the kernels' per-device state (zeroed workspace, arrival counters) ahead of time.
+    """Allocate the kernels' per-device state (zeroed workspace, arrival counters, compaction scratch) ahead of time.
 
     Call once the widest layer is known and before any CUDA-graph capture: a zero-fill recorded inside a
     capture does not run until that graph replays.
@@ -39,6 +39,7 @@ def prepare(device: torch.device, max_out_features: int) -> None:
 
         triton_sparse.reserve_workspace(device, max_out_features)
         triton_sparse._arrival_counters(device)
+        triton_sparse.compaction_scratch(device)
 
 
 def sparse_linear(

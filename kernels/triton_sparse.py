@@ -10,6 +10,11 @@ never straddles a segment, so it reads one threshold. Kernels (kernels/NOTES.md 
   The compaction is recomputed by every program from x (a few hundred bytes, in L2) instead of a second
   launch. Partial sums go atomically into an fp32 workspace that stays in L2 and stays zero between
   launches: the last program of a column tile adds the bias, writes `y` and re-zeroes its slice.
+- `_compact_kernel` (one token, kinds "compact" and "compact_mma"): the same work in proportion to the kept
+  rows, but each program compacts its block once by a scatter - kept row indices and values at their
+  prefix-sum ranks into a per-device scratch (L2), then one barrier - instead of searching the prefix sum
+  for every group, and loads a group's rows with one gather. "compact" sums with FMAs, "compact_mma" on the
+  tensor cores (wgmma: W^T's rows transposed in registers as the A operand, the token as a 16-wide B).
 - `_gemv_kernel` (one token): TEAL's grid of one-tile programs, masked loads of every row of the tile,
   the same workspace and finalisation.
 - `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
@@ -44,9 +49,13 @@ class Config:
     kind "gemv" (one token): one [bm, bn] tile of W^T per program, fp32 atomics (`_gemv_kernel`).
     kind "dot" (any token count): tokens padded to 16 on tensor cores, `split_k` programs along the input
     dimension, each looping over its share in bm-row steps (`_sparse_matmul_kernel`).
+
+    kind "compact" / "compact_mma" (one token): as "rows" (bn, bm, groups, splits), but the block is compacted
+    once per program by a scatter and the groups are summed with FMAs / on the tensor cores
+    (`_compact_kernel`; float32 activations take the FMA form).
     """
 
-    kind: Literal["rows", "gemv", "dot"]  # more than one token always takes "dot"
+    kind: Literal["rows", "compact", "compact_mma", "gemv", "dot"]  # more than one token always takes "dot"
     bn: int
     bm: int
     split_k: int = 1
@@ -57,10 +66,15 @@ class Config:
 
 
 @triton.jit
+def _segment_index(n0, end1, end2, end3):
+    """The segment that column `n0` belongs to."""
+    return (n0 >= end1).to(tl.int32) + (n0 >= end2).to(tl.int32) + (n0 >= end3).to(tl.int32)
+
+
+@triton.jit
 def _segment_threshold(thr_ptr, n0, end1, end2, end3):
     """The threshold of the segment that column `n0` belongs to."""
-    seg = (n0 >= end1).to(tl.int32) + (n0 >= end2).to(tl.int32) + (n0 >= end3).to(tl.int32)
-    return tl.load(thr_ptr + seg)
+    return tl.load(thr_ptr + _segment_index(n0, end1, end2, end3))
 
 
 @triton.jit
@@ -140,6 +154,91 @@ def _kept_rows_kernel(
         acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
     if pid_s * BM < count:
         tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
+    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
+            HAS_BIAS, SCALE)  # fmt: skip
+
+
+@triton.jit
+def _compact(x_ptr, thr, k0, K, idx_ptr, xs_ptr, base, CB: tl.constexpr, F16_RANGE: tl.constexpr):
+    """Scatter the kept inputs of block `x[k0 : k0 + CB]` to `idx/xs[base + rank]` (rank: the order among
+    the block's kept inputs; row index and value in fp32) and return (count, unscale). Every program of
+    the block writes the same values, and reads them back after the barrier (its own writes, or equal ones).
+    F16_RANGE: values multiplied by the power of two that puts the block's largest kept |x| in [2^14, 2^15),
+    so that they convert to float16 exactly (bf16 inputs of a float16 tensor-core product); `unscale` undoes
+    it on the sums (1 otherwise)."""
+    offs = k0 + tl.arange(0, CB)
+    xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    keep = tl.abs(xv) > thr
+    csum = tl.cumsum(keep.to(tl.int32), axis=0)
+    unscale = 1.0
+    if F16_RANGE:
+        amax = tl.max(tl.where(keep, tl.abs(xv), 0.0), axis=0)
+        e = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased exponent of amax
+        xv = xv * ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(141 - e)
+        unscale = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 141)
+    dst = base + csum - 1
+    tl.store(idx_ptr + dst, offs, mask=keep)
+    tl.store(xs_ptr + dst, xv, mask=keep)
+    tl.debug_barrier()  # the block's scatter is complete before any thread reads it back
+    return tl.sum(keep.to(tl.int32), axis=0), unscale
+
+
+@triton.jit
+def _fp8_to_f16(w):
+    """float8_e4m3 to float16 (exact), four at a time with the hardware conversion (sm_89+)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _compact_kernel(
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, xs_ptr,
+    K, N, stride_w, end1, end2, end3,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+    MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One token: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block (`_compact`)
+    and sums every SPLITS-th group of BM kept rows: FMAs (MMA 0) or the tensor cores (MMA 1: acc^T [BN, 16]
+    += W_rows^T [BN, BM] @ [x_rows, 0, ...] [BM, 16], the weight rows as the register operand; float8
+    weights converted to float16, bf16/fp16 ones as they are). Partial sums and the end as `_kept_rows_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    CB: tl.constexpr = BM * GROUPS
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    seg = _segment_index(pid_n * BN, end1, end2, end3)
+    k0 = pid_k * CB
+    base = seg * K + k0  # this block's slots in the scratch (one region per segment: own thresholds)
+    count, unscale = _compact(x_ptr, tl.load(thr_ptr + seg), k0, K, idx_ptr, xs_ptr, base, CB, F16_RANGE)
+    if MMA:
+        acc2 = tl.zeros([BN, 16], dtype=tl.float32)
+        token0 = tl.arange(0, 16)[None, :] == 0
+    else:
+        acc = tl.zeros([BN], dtype=tl.float32)
+    for r0 in range(pid_s * BM, count, SPLITS * BM):
+        ranks = tl.multiple_of(r0, BM) + tl.arange(0, BM)
+        valid = ranks < count
+        rows = tl.load(idx_ptr + base + ranks)  # unmasked (stale past count: the weight load is masked)
+        xv = tl.where(valid, tl.load(xs_ptr + base + ranks), 0.0)
+        w = _load_rows(w_ptr, rows, offs_n, mask_n, stride_w, valid)
+        if MMA:
+            if w.dtype == tl.float8e4nv:
+                w = w.to(tl.float16) if INTERPRET else _fp8_to_f16(w)
+            xcol = tl.where(token0, xv[:, None], 0.0).to(w.dtype)
+            if INTERPRET:  # the CPU interpreter multiplies the raw bits of 16-bit dot operands
+                acc2 = tl.dot(tl.trans(w.to(tl.float32)), xcol.to(tl.float32), acc2, input_precision="ieee")
+            else:
+                acc2 = tl.dot(tl.trans(w), xcol, acc2)
+        else:
+            acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+    if MMA:
+        acc = tl.sum(tl.where(token0, acc2, 0.0), axis=1)
+    if pid_s * BM < count:
+        tl.atomic_add(ws_ptr + offs_n, acc * unscale, mask=mask_n, sem="relaxed")
     _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
             HAS_BIAS, SCALE)  # fmt: skip
 
@@ -265,6 +364,8 @@ def _sparsify_segments_kernel(x_ptr, thr_ptr, out_ptr, numel, BLOCK: tl.constexp
 
 _counters: dict[torch.device, torch.Tensor] = {}
 _workspaces: dict[torch.device, torch.Tensor] = {}
+_scratches: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_SCRATCH_K = 1 << 16  # inputs per segment the compaction scratch holds by default (Llama-3-405B: 53248)
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
@@ -285,6 +386,18 @@ def reserve_workspace(device: torch.device, numel: int) -> torch.Tensor:
     if ws is None or ws.numel() < numel:
         ws = _workspaces[device] = torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=device)
     return ws
+
+
+def compaction_scratch(device: torch.device, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compacted row indices (int32) and values (fp32) of `_compact_kernel` on `device`: MAX_SEGMENTS
+    regions of at least `k` inputs, plus slack for a block's unmasked reads past its count. Written before
+    it is read in every launch (no zeroing needed); allocated by `kernels.prepare` before graph capture."""
+    need = MAX_SEGMENTS * max(k, _SCRATCH_K) + 8192
+    scratch = _scratches.get(device)
+    if scratch is None or scratch[0].numel() < need:
+        scratch = _scratches[device] = (torch.zeros(need, dtype=torch.int32, device=device),
+                                        torch.zeros(need, dtype=torch.float32, device=device))  # fmt: skip
+    return scratch
 
 
 def tile_n(bn: int, segment_ends: Sequence[int]) -> int:
@@ -336,13 +449,23 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
     n_tiles = triton.cdiv(N, bn)
     cnt = _arrival_counters(x.device)
     assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
-    if config.kind in ("rows", "gemv") and T == 1:
+    if config.kind in ("rows", "compact", "compact_mma", "gemv") and T == 1:
         ws = reserve_workspace(x.device, N)
         # unused pointers take y: a kernel never reads them
         common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, ws, cnt, K, N,
                   w.stride(0), *inner)  # fmt: skip
         flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2)
-        if config.kind == "rows":
+        if config.kind in ("compact", "compact_mma"):
+            idx, xs = compaction_scratch(x.device, K)
+            mma = config.kind == "compact_mma" and x.dtype != torch.float32  # fp32: the FMA form
+            interpret = x.device.type == "cpu"
+            _compact_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), min(config.splits, config.groups))](
+                *common[:8], idx, xs, *common[8:], **flags, BM=config.bm, BN=bn, GROUPS=config.groups,
+                SPLITS=min(config.splits, config.groups), MMA=mma,
+                F16_RANGE=mma and w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16,
+                INTERPRET=interpret, num_warps=config.num_warps,
+            )  # fmt: skip
+        elif config.kind == "rows":
             splits = min(config.splits, config.groups)
             _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), splits)](
                 *common, **flags, BM=config.bm, BN=bn, GROUPS=config.groups, SPLITS=splits,

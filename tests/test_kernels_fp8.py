@@ -22,6 +22,8 @@ FP8_MAX = 448.0
 CONFIGS = {
     "rows": dict(kind="rows", bn=32, bm=16, groups=4, splits=1, num_warps=1),
     "rows-split": dict(kind="rows", bn=64, bm=8, groups=4, splits=2, num_warps=2),
+    "compact": dict(kind="compact", bn=32, bm=8, groups=4, splits=1, num_warps=1),
+    "compact_mma": dict(kind="compact_mma", bn=64, bm=16, groups=2, splits=2, num_warps=4),
     "gemv": dict(kind="gemv", bn=32, bm=16),
 }
 
@@ -84,7 +86,7 @@ def test_fp8_kernels_exact_on_whole_numbers(config, per_channel):
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["rows", "gemv"])
+@pytest.mark.parametrize("config", ["rows", "compact", "compact_mma", "gemv"])
 def test_fp8_all_kept_all_dropped(config):
     ends = SEGMENTS["qkv"]
     x, w8, scale, _, b = _fp8_problem(64, ends, torch.bfloat16, per_channel=True)
@@ -96,6 +98,19 @@ def test_fp8_all_kept_all_dropped(config):
     y = _launch(x, w8, scale, torch.tensor([0.0, 1e9, 0.0]), ends, None, config)  # one segment all dropped
     assert torch.equal(y[:, 64:96], torch.zeros_like(y[:, 64:96]))
     assert _rel_err(y[:, :64], dense[:, :64]) < TOL[torch.bfloat16]
+
+
+@interpreted
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-4, 3e5, 1e30])
+def test_fp8_tensor_core_form_takes_bf16_inputs_of_any_magnitude(magnitude):
+    """The tensor-core form multiplies fp8 weights in float16: bf16 inputs are brought into float16's range
+    by a power of two per block (undone on the sums), so magnitudes far outside it still match."""
+    ends = SEGMENTS["qkv"]
+    x, w8, scale, thr, _ = _fp8_problem(100, ends, torch.bfloat16, per_channel=True)
+    x, thr = (x.float() * magnitude).bfloat16(), thr * magnitude
+    y = _launch(x, w8, scale, thr, ends, None, "compact_mma")
+    ref = sparse_linear_fp8_reference(x, w8, scale, thr, ends).double()
+    assert not y.isinf().any() and float((y.double() - ref).norm() / ref.norm()) < TOL[torch.bfloat16]
 
 
 @interpreted

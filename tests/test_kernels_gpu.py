@@ -15,6 +15,8 @@ SHAPES = {"qkv": (4096, [4096, 5120, 6144]), "down": (14336, [4096]), "gate_up":
 KERNELS = {  # one config of each kernel, whatever the table picks
     "rows": dict(kind="rows", bn=512, bm=16, groups=8, splits=1, num_warps=2),
     "rows-split": dict(kind="rows", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
+    "compact": dict(kind="compact", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
+    "compact_mma": dict(kind="compact_mma", bn=256, bm=64, groups=8, splits=2, num_warps=4),
     "gemv": dict(kind="gemv", bn=1024, bm=32, num_warps=4),
     "dot": dict(kind="dot", bn=256, bm=32, split_k=4, num_warps=4, num_stages=3),
 }
@@ -120,7 +122,7 @@ def test_torch_compile_custom_op():
         assert _rel_err(fn(x, w, thr, b), ref) < TOL[torch.bfloat16]
 
 
-FP8_KERNELS = ["rows", "rows-split", "gemv"]
+FP8_KERNELS = ["rows", "rows-split", "compact", "compact_mma", "gemv"]
 
 
 def _fp8_problem(k, ends, per_channel, bias=True, integers=False):
@@ -163,7 +165,7 @@ def test_fp8_kernel_no_host_sync_and_cuda_graph():
 
     k, ends = SHAPES["qkv"]
     x, w8, scale, thr, b = _fp8_problem(k, ends, per_channel=True)
-    config = ts.Config(**KERNELS["rows-split"])
+    config = ts.Config(**KERNELS["compact_mma"])
     ts.launch(x, w8, thr, ends, b, config, weight_scale=scale)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
