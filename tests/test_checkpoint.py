@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
-from vllm_spon.format.atomic import OutputError
-from vllm_spon.format.checkpoint import atomic_directory, load_checkpoint, read_config
+from vllm_spon.format.architectures import FAMILIES, SUPPORTED_ARCHITECTURES
+from vllm_spon.format.atomic import OutputError, atomic_directory
+from vllm_spon.format.checkpoint import load_checkpoint, read_config
 from vllm_spon.format.errors import CheckpointError
 from vllm_spon.format.identity import check_base_model
 
@@ -136,3 +137,28 @@ def test_rejects_checkpoint_of_another_base_model(tiny_llama_dir, tmp_path, tiny
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="calibrated for LlamaForCausalLM"):
         check_base_model(config.base_model, other, path / "spon" / "config.json")
+
+
+@pytest.mark.parametrize("architecture", ["MixtralForCausalLM", "GPT2LMHeadModel"])
+def test_a_checkpoint_whose_model_is_not_a_supported_family_is_refused_in_one_line(
+        tiny_llama_dir, tmp_path, tiny_modules, architecture):
+    """What the vLLM loader, `inspect` and `eval` call: the architecture found and the supported list."""
+    path, _, _ = _write(tiny_llama_dir, tmp_path, tiny_modules)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": [architecture]}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and f"architecture {architecture} is not supported" in message
+    assert all(a in message for a in SUPPORTED_ARCHITECTURES) and str(path / "config.json") in message
+
+
+def test_family_table_parses_only_its_own_module_names():
+    llama = FAMILIES[0]
+    assert llama.parse("model.layers.12.mlp.down_proj")[0] == 12
+    assert llama.site("model.layers.3.self_attn.k_proj") == llama.site("model.layers.3.self_attn.v_proj")
+    assert llama.vllm_layers() == {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                                   "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    for foreign in ("model.layers.x.mlp.down_proj", "model.layers.1.mlp.q_proj", "transformer.h.0.attn.c_attn"):
+        with pytest.raises(CheckpointError, match="is not a sparsifiable module"):
+            llama.parse(foreign)
