@@ -164,21 +164,24 @@ class Case:
 
 
 def _compact_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
-    """The compacting kernels for W^T `[k, n]`: FMA form with column tiles of 16 bytes a thread across the
-    warps (the row sum stays in each thread), tensor-core form with 64-1024 columns; blocks of 256-1024
-    inputs and splits such that the grid has 128-1100 programs and a program 1-4 groups of kept rows at 50%."""
+    """The compacting kernels for W^T `[k, n]`: the FMA form with column tiles of 16 bytes a thread across
+    the warps (the row sum stays in each thread), groups of 8-16 rows, the group loop pipelined 2-4 deep
+    (fp8 run 2: unpipelined, the loads of one group wait for the previous group's sum) or not, blocks of
+    256-1024 inputs and splits such that the grid has 128-1100 programs and a program 1-16 groups at 50%;
+    the tensor-core form at the few configs that came near in run 2."""
     per_warp = 32 * 16 // elem_bytes  # columns of one warp's 16-byte loads
-    shapes = [("compact", per_warp * nw, nw, bm, blocks) for nw in (2, 4, 8) for bm in (8, 16, 32)
-              for blocks in [(256, 512)]]  # fmt: skip
-    shapes += [("compact_mma", bn, nw, bm, (256, 512, 1024)) for bn, nw in ((128, 4), (256, 4), (512, 4), (512, 8),
-               (1024, 8)) for bm in (32, 64) if bn * bm * elem_bytes // (32 * nw) <= 256]  # fmt: skip
     out = []
-    for kind, bn, nw, bm, blocks in shapes:
-        for block, splits in itertools.product(blocks, (1, 2, 4)):
-            programs = math.ceil(n / bn) * math.ceil(k / block) * splits
-            groups_at_half = block / (2 * bm * splits)
-            if bm < block and 128 <= programs <= 1100 and 1 <= groups_at_half <= 4:
-                out.append(ts.Config(kind, bn, bm, num_warps=nw, groups=block // bm, splits=splits))
+    for nw, bm, block, splits, stages in itertools.product((2, 4, 8), (8, 16), (256, 512, 1024), (1, 2, 4),
+                                                           (1, 2, 3, 4)):  # fmt: skip
+        bn = per_warp * nw
+        programs = math.ceil(n / bn) * math.ceil(k / block) * splits
+        groups_at_half = block / (2 * bm * splits)
+        if 128 <= programs <= 1100 and 1 <= groups_at_half <= (4 if stages == 1 else 16):
+            out.append(ts.Config("compact", bn, bm, num_warps=nw, num_stages=stages, groups=block // bm, splits=splits))
+    for bn, nw, stages in itertools.product((256, 512), (4, 8), (1, 3)):
+        for block, splits in ((256, 2), (512, 2), (256, 1)):
+            out.append(ts.Config("compact_mma", bn, 32, num_warps=nw, num_stages=stages, groups=block // 32,
+                                 splits=splits))  # fmt: skip
     return out
 
 
@@ -190,7 +193,7 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     if tokens > 1:
         return [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
     out = _compact_candidates(k, n, 2)
-    for bn, nw, splits in itertools.product((512, 1024), (2, 4), (1, 2, 4)):
+    for bn, nw, splits in ((512, 2, 4), (1024, 4, 4), (1024, 4, 2)):  # run 2's best
         out.append(ts.Config("rows", bn, 16, num_warps=nw, groups=16, splits=splits))
     gemv = ((512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8))
     return out + [ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in gemv]
@@ -292,7 +295,7 @@ def tune(cases: dict[str, Case], log, tokens_list=TOKENS) -> dict:
     return table
 
 
-def write_table(table: dict, path: Path, device: str) -> None:
+def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = None) -> None:
     lines = [
         f'"""Written by `benchmarks/bench_kernels.py --tune` on an {device} (bf16); None: cuBLAS is faster."""',
         "",
@@ -301,7 +304,18 @@ def write_table(table: dict, path: Path, device: str) -> None:
         "TUNED: dict[tuple[int, int, int], Config | None] = {",
     ]
     lines += [f"    {key}: {value!r}," for key, value in sorted(table.items())]
-    path.write_text("\n".join([*lines, "}", ""]))
+    lines.append("}")
+    if fp8_table is not None:
+        lines += ["", "# Float8 weights, one token (`bench_kernels.py --fp8 --tune`); None: vLLM's fp8 matmul.",
+                  "TUNED_FP8: dict[tuple[int, int, int], Config | None] = {"]  # fmt: skip
+        lines += [f"    {key}: {value!r}," for key, value in sorted(fp8_table.items())]
+        lines.append("}")
+    path.write_text("\n".join([*lines, ""]))
+
+
+def read_fp8_table(path: Path) -> dict:
+    """The TUNED_FP8 entries a `--fp8 --tune` run wrote (DIR/tuned_fp8.txt)."""
+    return eval("{" + path.read_text() + "}", {"Config": ts.Config})  # our own file, written above
 
 
 def measure(cases: dict[str, Case], log) -> list[dict]:
@@ -552,6 +566,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), choices=list(TOKENS),
                         help="token buckets --tune sweeps (the others keep the committed table's entries)")
     parser.add_argument("--no-table", action="store_true", help="--tune only, no table afterwards")
+    parser.add_argument("--fp8-table", type=Path, help="a --fp8 --tune run's tuned_fp8.txt: --tune writes it as "
+                        "TUNED_FP8 beside TUNED (else the committed TUNED_FP8)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -590,7 +606,8 @@ def main() -> None:
             table = tune(cases, log, tokens)
         committed = configs.table_for(props.name)
         table = {**committed, **table}
-        write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name)
+        fp8_table = read_fp8_table(args.fp8_table) if args.fp8_table else configs.table_for(props.name, fp8=True)
+        write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name, dict(fp8_table))
         dump_kernels(args.out / "tune_kernels.json")
         committed.clear()
         committed.update(table)

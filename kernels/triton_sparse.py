@@ -52,7 +52,7 @@ class Config:
 
     kind "compact" / "compact_mma" (one token): as "rows" (bn, bm, groups, splits), but the block is compacted
     once per program by a scatter and the groups are summed with FMAs / on the tensor cores
-    (`_compact_kernel`; float32 activations take the FMA form).
+    (`_compact_kernel`; float32 activations take the FMA form); num_stages > 1 pipelines the group loop.
     """
 
     kind: Literal["rows", "compact", "compact_mma", "gemv", "dot"]  # more than one token always takes "dot"
@@ -198,12 +198,14 @@ def _compact_kernel(
     K, N, stride_w, end1, end2, end3,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-    MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr,
+    MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """One token: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block (`_compact`)
-    and sums every SPLITS-th group of BM kept rows: FMAs (MMA 0) or the tensor cores (MMA 1: acc^T [BN, 16]
-    += W_rows^T [BN, BM] @ [x_rows, 0, ...] [BM, 16], the weight rows as the register operand; float8
-    weights converted to float16, bf16/fp16 ones as they are). Partial sums and the end as `_kept_rows_kernel`."""
+    and sums every SPLITS-th group of BM kept rows with FMAs (MMA 0) or on the tensor cores (MMA 1: acc^T
+    [BN, 16] += W_rows^T [BN, BM] @ [x_rows, 0, ...] [BM, 16], the weight rows as the register operand;
+    float8 weights converted to float16, bf16/fp16 ones as they are). STAGES > 1: Triton's pipeliner keeps
+    the next groups' index and row loads in flight (through shared memory) while a group is summed.
+    Partial sums and the end as `_kept_rows_kernel`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -219,7 +221,7 @@ def _compact_kernel(
         token0 = tl.arange(0, 16)[None, :] == 0
     else:
         acc = tl.zeros([BN], dtype=tl.float32)
-    for r0 in range(pid_s * BM, count, SPLITS * BM):
+    for r0 in tl.range(pid_s * BM, count, SPLITS * BM, num_stages=STAGES):
         ranks = tl.multiple_of(r0, BM) + tl.arange(0, BM)
         valid = ranks < count
         rows = tl.load(idx_ptr + base + ranks)  # unmasked (stale past count: the weight load is masked)
@@ -463,7 +465,7 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
                 *common[:8], idx, xs, *common[8:], **flags, BM=config.bm, BN=bn, GROUPS=config.groups,
                 SPLITS=min(config.splits, config.groups), MMA=mma,
                 F16_RANGE=mma and w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16,
-                INTERPRET=interpret, num_warps=config.num_warps,
+                INTERPRET=interpret, STAGES=config.num_stages, num_warps=config.num_warps,
             )  # fmt: skip
         elif config.kind == "rows":
             splits = min(config.splits, config.groups)

@@ -29,7 +29,7 @@ CONFIGS = {  # the kept-rows kernel (looping, and several programs per block), t
     "rows": dict(kind="rows", bn=32, bm=16, groups=4, splits=1, num_warps=1),
     "rows-split": dict(kind="rows", bn=64, bm=8, groups=4, splits=2, num_warps=2),
     "compact": dict(kind="compact", bn=32, bm=8, groups=4, splits=1, num_warps=1),
-    "compact-split": dict(kind="compact", bn=64, bm=16, groups=4, splits=2, num_warps=2),
+    "compact-split": dict(kind="compact", bn=64, bm=16, groups=4, splits=2, num_warps=2, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=32, bm=16, groups=2, splits=2, num_warps=4),
     "gemv": dict(kind="gemv", bn=32, bm=16),
     "dot": dict(kind="dot", bn=32, bm=16),

@@ -15,7 +15,7 @@ SHAPES = {"qkv": (4096, [4096, 5120, 6144]), "down": (14336, [4096]), "gate_up":
 KERNELS = {  # one config of each kernel, whatever the table picks
     "rows": dict(kind="rows", bn=512, bm=16, groups=8, splits=1, num_warps=2),
     "rows-split": dict(kind="rows", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
-    "compact": dict(kind="compact", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
+    "compact": dict(kind="compact", bn=1024, bm=16, groups=16, splits=2, num_warps=4, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=256, bm=64, groups=8, splits=2, num_warps=4),
     "gemv": dict(kind="gemv", bn=1024, bm=32, num_warps=4),
     "dot": dict(kind="dot", bn=256, bm=32, split_k=4, num_warps=4, num_stages=3),
