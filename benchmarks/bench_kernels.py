@@ -176,7 +176,7 @@ def _compact_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
         bn = per_warp * nw
         programs = math.ceil(n / bn) * math.ceil(k / block) * splits
         groups_at_half = block / (2 * bm * splits)
-        if 128 <= programs <= 1100 and 1 <= groups_at_half <= (4 if stages == 1 else 16):
+        if 128 <= programs <= 1100 and 1 <= groups_at_half <= (4 if stages == 1 else 32):
             out.append(ts.Config("compact", bn, bm, num_warps=nw, num_stages=stages, groups=block // bm, splits=splits))
     for bn, nw, stages in itertools.product((256, 512), (4, 8), (1, 3)):
         for block, splits in ((256, 2), (512, 2), (256, 1)):
