@@ -299,6 +299,8 @@ def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = N
     lines = [
         f'"""Written by `benchmarks/bench_kernels.py --tune` on an {device} (bf16); None: cuBLAS is faster."""',
         "",
+        "# ruff: noqa: E501",
+        "",
         "from .triton_sparse import Config",
         "",
         "TUNED: dict[tuple[int, int, int], Config | None] = {",
