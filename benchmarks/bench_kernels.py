@@ -72,7 +72,7 @@ FP8 = torch.float8_e4m3fn
 FP8_SHAPES = ("gate_up 4096->14336", "down 14336->4096", "qkv 4096->6144", "o 4096->4096",
               "gate_up fused 4096->2x14336")  # fmt: skip
 FP8_FLOOR = 0.97  # a chosen fp8 config must reach this ratio to _scaled_mm at sparsity 0
-TABLE_FP8_SPARSITIES = (0.0, 0.5, 0.75, 0.9)
+TABLE_FP8_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 1.0)  # 1.0: every input dropped, the kernel's fixed cost
 
 
 def bench_us(calls: list[Callable[[], object]], replays: int = 10, repeats: int = 9) -> float:
@@ -185,6 +185,18 @@ def _compact_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
     return out
 
 
+def _full_k_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
+    """`_full_k_kernel` (no partial sums): row pieces of 32-128 bytes, groups of 32-128 rows, 2-8 warps with
+    16-128 bytes a thread a stage, 2-4 stages, at least 64 programs."""
+    out = []
+    for row_bytes, bm, nw, stages in itertools.product((32, 64, 128), (32, 64, 128), (2, 4, 8), (2, 3, 4)):
+        bn = row_bytes // elem_bytes
+        per_thread = bm * row_bytes // (32 * nw)
+        if math.ceil(n / bn) >= 64 and 16 <= per_thread <= 128:
+            out.append(ts.Config("full_k", bn, bm, num_warps=nw, num_stages=stages, groups=1024 // bm))
+    return out
+
+
 def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     """The bf16 sweep for W^T `[k, n]`, pruned by the H200 runs (kernels/NOTES.md). One token: the
     compacting kernels (`_compact_candidates`), the kept-rows kernel at the configs that won before, and the
@@ -192,7 +204,7 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed)."""
     if tokens > 1:
         return [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
-    out = _compact_candidates(k, n, 2)
+    out = _compact_candidates(k, n, 2) + _full_k_candidates(k, n, 2)
     for bn, nw, splits in ((512, 2, 4), (1024, 4, 4), (1024, 4, 2)):  # run 2's best
         out.append(ts.Config("rows", bn, 16, num_warps=nw, groups=16, splits=splits))
     gemv = ((512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8))
@@ -201,7 +213,7 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
 
 def fp8_candidates(k: int, n: int) -> list[ts.Config]:
     """The fp8 sweep (one byte a weight): the compacting kernels, and run 1's best GEMV and kept-rows."""
-    return [*_compact_candidates(k, n, 1), ts.Config("gemv", 2048, 32, num_warps=4),
+    return [*_compact_candidates(k, n, 1), *_full_k_candidates(k, n, 1), ts.Config("gemv", 2048, 32, num_warps=4),
             ts.Config("rows", 2048, 16, num_warps=4, groups=16, splits=4)]  # fmt: skip
 
 
@@ -456,11 +468,12 @@ class Fp8Case:
         return bench_us(self.case.calls(fn, 1, s, self.weights))
 
 
-def tune_fp8(fcases: dict[str, Fp8Case], log) -> dict:
+def tune_fp8(fcases: dict[str, Fp8Case], log) -> tuple[dict, dict]:
     """Per shape: every fp8 candidate at s = 0.5, the FINALISTS best at s = 0 and 0.75; the TUNED_FP8 entry
     is the best geometric mean over TUNE_SPARSITIES if it beats "mm" (`_scaled_mm` alone) by MARGIN and
-    reaches FP8_FLOOR of it at s = 0, else None (vLLM's fp8 matmul)."""
-    table = {}
+    reaches FP8_FLOOR of it at s = 0, else None (vLLM's fp8 matmul). Returns (table, the best geometric
+    mean whether chosen or not)."""
+    table, best = {}, {}
     for name, fc in fcases.items():
         base = fc.baselines["mm"]
         results = []
@@ -484,6 +497,7 @@ def tune_fp8(fcases: dict[str, Fp8Case], log) -> dict:
         fit = [f for f in finalists if f[0] < MARGIN * base and base / f[1][s0] >= FP8_FLOOR]
         choice = fit[0][2] if fit else None
         table[(fc.case.k, fc.case.n, 1)] = choice
+        best[(fc.case.k, fc.case.n, 1)] = finalists[0][2] if finalists else None
         rec = {"shape": name, "baselines": fc.baselines, "chosen": repr(choice),
                "finalists": [(f[0], dict(zip(TUNE_SPARSITIES, f[1], strict=True)), repr(f[2])) for f in finalists],
                "top": [(r[0], repr(r[1])) for r in results[:24]]}  # fmt: skip
@@ -493,17 +507,22 @@ def tune_fp8(fcases: dict[str, Fp8Case], log) -> dict:
             ratios = " ".join(f"s={s}: {t:.1f} ({base / t:.2f}x)" for s, t in zip(TUNE_SPARSITIES, f[1], strict=True))
             print(f"fp8 tune {name:28} mm {base:5.1f} | {f[2]} {ratios}", flush=True)
         print(f"fp8 tune {name:28} -> {choice}", flush=True)
-    return table
+    return table, best
 
 
-def measure_fp8(fcases: dict[str, Fp8Case], table: dict | None, log) -> list[dict]:
+def measure_fp8(fcases: dict[str, Fp8Case], table: dict | None, log, best: dict | None = None) -> list[dict]:
     """The fp8 table: per shape and TABLE_FP8_SPARSITIES, the kernel (under `table`'s config, or through
-    `sparse_linear_fp8` with the committed TUNED_FP8 when table is None) against every baseline."""
+    `sparse_linear_fp8` with the committed TUNED_FP8 when table is None; where the entry is None, `best`'s
+    config, labelled as not in the table) against every baseline."""
     rows = []
     for name, fc in fcases.items():
         key = (fc.case.k, fc.case.n, 1)
         config = table.get(key) if table is not None else configs.select(*key, DTYPE, torch.device("cuda"), fp8=True)
         fn = fc.run_fn(config) if table is not None else fc.run_fn(None)
+        label = repr(config) if config else "vLLM fp8 matmul"
+        if config is None and best and best.get(key) is not None:
+            config = best[key]
+            fn, label = fc.run_fn(config), f"not in the table (below the rules): {config!r}"
         for s in TABLE_FP8_SPARSITIES:
             if config is None:  # the dense path: nothing of ours to time
                 us, err = math.nan, math.nan
@@ -511,9 +530,9 @@ def measure_fp8(fcases: dict[str, Fp8Case], table: dict | None, log) -> list[dic
                 err = fc.check(fn, s)
                 us = fc.time(fn, s)
             b = {k: v for k, v in fc.baselines.items() if isinstance(v, float) and "err" not in k}
-            row = {"shape": name, "sparsity": s, "us": us, "rel_err": err, "path": repr(config) if config else
-                   "vLLM fp8 matmul", "baselines_us": b, "ratios": {k: v / us for k, v in b.items()},
-                   "ideal": 1 / fc.case.union(1, s)}  # fmt: skip
+            union = fc.case.union(1, s)
+            row = {"shape": name, "sparsity": s, "us": us, "rel_err": err, "path": label, "baselines_us": b,
+                   "ratios": {k: v / us for k, v in b.items()}, "ideal": 1 / union if union else math.inf}  # fmt: skip
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -586,14 +605,14 @@ def main() -> None:
         fcases = {name: Fp8Case(Case(*SHAPES[name])) for name in shapes}
         for name, fc in fcases.items():
             print(f"fp8 baselines {name}: {fc.baselines}", flush=True)
-        table = None
+        table, best = None, None
         if args.tune:
             precompile({n: fc.case for n, fc in fcases.items()}, args.procs, (1,), fp8=True)
             with open(args.out / "fp8_tune.jsonl", "w") as log:
-                table = tune_fp8(fcases, log)
+                table, best = tune_fp8(fcases, log)
             (args.out / "tuned_fp8.txt").write_text("".join(f"    {k}: {v!r},\n" for k, v in sorted(table.items())))
         with open(args.out / "fp8.jsonl", "w") as log:
-            rows = measure_fp8(fcases, table, log)
+            rows = measure_fp8(fcases, table, log, best)
         (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows},
                                                       indent=1))  # fmt: skip
         (args.out / "fp8.md").write_text(fp8_markdown(rows))

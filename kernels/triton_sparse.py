@@ -53,9 +53,11 @@ class Config:
     kind "compact" / "compact_mma" (one token): as "rows" (bn, bm, groups, splits), but the block is compacted
     once per program by a scatter and the groups are summed with FMAs / on the tensor cores
     (`_compact_kernel`; float32 activations take the FMA form); num_stages > 1 pipelines the group loop.
+    kind "full_k" (one token): one program per column tile of bn over all of K, groups of bm kept rows,
+    blocks of bm * groups inputs compacted at a time, num_stages deep (`_full_k_kernel`): no partial sums.
     """
 
-    kind: Literal["rows", "compact", "compact_mma", "gemv", "dot"]  # more than one token always takes "dot"
+    kind: Literal["rows", "compact", "compact_mma", "full_k", "gemv", "dot"]  # more than one token always takes "dot"
     bn: int
     bm: int
     split_k: int = 1
@@ -243,6 +245,51 @@ def _compact_kernel(
         tl.atomic_add(ws_ptr + offs_n, acc * unscale, mask=mask_n, sem="relaxed")
     _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
             HAS_BIAS, SCALE)  # fmt: skip
+
+
+@triton.jit
+def _full_k_kernel(
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, idx_ptr, xs_ptr,
+    K, N, stride_w, end1, end2, end3,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """One token, one program per column tile over all of K: no partial sums, so no atomics, no arrival
+    counter and no finishing program. The program compacts all of x (CB at a time, ranks running on) into
+    its segment's scratch region, then sums the kept rows BM at a time into a [BM, BN] accumulator
+    (each thread keeps its own rows; one reduction at the end), the loop pipelined STAGES deep."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    seg = _segment_index(pid_n * BN, end1, end2, end3)
+    thr = tl.load(thr_ptr + seg)
+    base = seg * K
+    total = 0
+    for k0 in range(0, K, CB):
+        offs = k0 + tl.arange(0, CB)
+        xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        keep = tl.abs(xv) > thr
+        dst = base + total + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + dst, offs, mask=keep)
+        tl.store(xs_ptr + dst, xv, mask=keep)
+        total += tl.sum(keep.to(tl.int32), axis=0)
+    tl.debug_barrier()  # the scatter is complete before any thread reads it back
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for r0 in tl.range(0, total, BM, num_stages=STAGES):
+        ranks = r0 + tl.arange(0, BM)
+        valid = ranks < total
+        rows = tl.load(idx_ptr + base + ranks)
+        xv = tl.where(valid, tl.load(xs_ptr + base + ranks), 0.0)
+        w = _load_rows(w_ptr, rows, offs_n, mask_n, stride_w, valid)
+        acc += w.to(tl.float32) * xv[:, None]
+    out = tl.sum(acc, axis=0)
+    if SCALE == 1:
+        out *= tl.load(scale_ptr)
+    elif SCALE == 2:
+        out *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -451,6 +498,15 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
     n_tiles = triton.cdiv(N, bn)
     cnt = _arrival_counters(x.device)
     assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
+    if config.kind == "full_k" and T == 1:
+        idx, xs = compaction_scratch(x.device, K)
+        _full_k_kernel[(n_tiles,)](
+            x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, idx, xs, K, N,
+            w.stride(0), *inner, HAS_BIAS=bias is not None,
+            SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2, BM=config.bm, BN=bn,
+            CB=config.bm * config.groups, STAGES=config.num_stages, num_warps=config.num_warps,
+        )  # fmt: skip
+        return
     if config.kind in ("rows", "compact", "compact_mma", "gemv") and T == 1:
         ws = reserve_workspace(x.device, N)
         # unused pointers take y: a kernel never reads them

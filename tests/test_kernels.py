@@ -31,11 +31,12 @@ CONFIGS = {  # the kept-rows kernel (looping, and several programs per block), t
     "compact": dict(kind="compact", bn=32, bm=8, groups=4, splits=1, num_warps=1),
     "compact-split": dict(kind="compact", bn=64, bm=16, groups=4, splits=2, num_warps=2, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=32, bm=16, groups=2, splits=2, num_warps=4),
+    "full_k": dict(kind="full_k", bn=32, bm=8, groups=4, num_stages=3, num_warps=2),
     "gemv": dict(kind="gemv", bn=32, bm=16),
     "dot": dict(kind="dot", bn=32, bm=16),
     "dot-split": dict(kind="dot", bn=32, bm=32, split_k=2),
 }
-ONE_TOKEN = ["rows", "rows-split", "compact", "compact-split", "compact_mma", "gemv"]
+ONE_TOKEN = ["rows", "rows-split", "compact", "compact-split", "compact_mma", "full_k", "gemv"]
 SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
 
 
@@ -110,7 +111,7 @@ def test_kernels_are_exact_on_whole_numbers(config, tokens):
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["rows", "compact", "compact_mma", "gemv", "dot-split"])
+@pytest.mark.parametrize("config", ["rows", "compact", "compact_mma", "full_k", "gemv", "dot-split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_zero_is_dense_and_all_dropped_is_bias(dtype, config):
     ends = SEGMENTS["qkv"]
@@ -140,8 +141,8 @@ def test_presparsified_input_drops_exact_zeros(config, tokens):
 def test_launches_leave_workspace_and_counters_zero():
     """The kernels' per-device state must be back to zero after every launch, or the next one is wrong."""
     ends = SEGMENTS["qkv"]
-    for config, tokens in (("rows", 1), ("rows-split", 1), ("compact-split", 1), ("compact_mma", 1), ("gemv", 1),
-                           ("dot-split", 3)):
+    for config, tokens in (("rows", 1), ("rows-split", 1), ("compact-split", 1), ("compact_mma", 1), ("full_k", 1),
+                           ("gemv", 1), ("dot-split", 3)):
         for _ in range(2):  # fresh inputs each time: a stale partial sum would show
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)

@@ -24,6 +24,7 @@ CONFIGS = {
     "rows-split": dict(kind="rows", bn=64, bm=8, groups=4, splits=2, num_warps=2),
     "compact": dict(kind="compact", bn=32, bm=8, groups=4, splits=1, num_warps=1, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=64, bm=16, groups=2, splits=2, num_warps=4),
+    "full_k": dict(kind="full_k", bn=32, bm=16, groups=2, num_stages=2, num_warps=1),
     "gemv": dict(kind="gemv", bn=32, bm=16),
 }
 
@@ -86,7 +87,7 @@ def test_fp8_kernels_exact_on_whole_numbers(config, per_channel):
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["rows", "compact", "compact_mma", "gemv"])
+@pytest.mark.parametrize("config", ["rows", "compact", "compact_mma", "full_k", "gemv"])
 def test_fp8_all_kept_all_dropped(config):
     ends = SEGMENTS["qkv"]
     x, w8, scale, _, b = _fp8_problem(64, ends, torch.bfloat16, per_channel=True)
@@ -155,7 +156,7 @@ def test_committed_fp8_tables():
 
     for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
         table = configs.table_for(name, fp8=True)
-        assert all(c is None or (b == 1 and c.kind in ("rows", "compact", "compact_mma", "gemv"))
+        assert all(c is None or (b == 1 and c.kind in ("rows", "compact", "compact_mma", "full_k", "gemv"))
                    for (_, _, b), c in table.items())
     if not configs.table_for(configs.DEFAULT_GPU, fp8=True):  # what select(device=None) reads
         for tokens in (1, 2, 16):

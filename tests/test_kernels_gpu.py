@@ -17,6 +17,7 @@ KERNELS = {  # one config of each kernel, whatever the table picks
     "rows-split": dict(kind="rows", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
     "compact": dict(kind="compact", bn=1024, bm=16, groups=16, splits=2, num_warps=4, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=256, bm=64, groups=8, splits=2, num_warps=4),
+    "full_k": dict(kind="full_k", bn=64, bm=64, groups=16, num_stages=3, num_warps=4),
     "gemv": dict(kind="gemv", bn=1024, bm=32, num_warps=4),
     "dot": dict(kind="dot", bn=256, bm=32, split_k=4, num_warps=4, num_stages=3),
 }
@@ -122,7 +123,7 @@ def test_torch_compile_custom_op():
         assert _rel_err(fn(x, w, thr, b), ref) < TOL[torch.bfloat16]
 
 
-FP8_KERNELS = ["rows", "rows-split", "compact", "compact_mma", "gemv"]
+FP8_KERNELS = ["rows", "rows-split", "compact", "compact_mma", "full_k", "gemv"]
 
 
 def _fp8_problem(k, ends, per_channel, bias=True, integers=False):
