@@ -9,6 +9,7 @@ site=${SPON_SITE:-/tmp/spon-site}
 mkdir -p "$site/vllm_spon-0.1.0.dist-info"
 ln -sfn "$repo/kernels" "$repo/vllm_spon/kernels"
 ln -sfn "$repo/calibration" "$repo/vllm_spon/calibration"
+ln -sfn "$repo/format" "$repo/vllm_spon/format"
 printf 'Metadata-Version: 2.1\nName: vllm-spon\nVersion: 0.1.0\n' > "$site/vllm_spon-0.1.0.dist-info/METADATA"
 printf '[vllm.general_plugins]\nspon = vllm_spon:register\n' > "$site/vllm_spon-0.1.0.dist-info/entry_points.txt"
 echo "export PYTHONPATH=$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}"
