@@ -18,7 +18,7 @@ from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.format.checkpoint import load_checkpoint, read_config
 from vllm_spon.format.identity import model_family
-from vllm_spon.format.schema import PerplexityReport, SponConfig
+from vllm_spon.format.schema import PerplexityReport, Quantization, SponConfig
 
 
 @torch.no_grad()
@@ -57,6 +57,9 @@ class EvalArgs(BaseModel):
     windows: int = Field(default=32, ge=1, description="evaluation windows")
     window: int = Field(default=512, ge=16, description="tokens per evaluation window")
     device: Device = Field(default="auto", description="auto (a GPU if any), cpu, cuda or cuda:N")
+    quantization: Quantization = Field(
+        default="none", description="evaluate with the weights rounded as `vllm serve --dtype bfloat16 "
+        "--quantization Q` rounds them (dense, TEAL and SPON alike)")
 
 
 def compare_methods(
@@ -68,8 +71,8 @@ def compare_methods(
     method_mode: Mode = "spon",
 ) -> PerplexityReport:
     """Dense, TEAL (`teal_thresholds`, no biases) and the checkpoint's method (`thresholds`, plus the model's
-    fused biases in mode spon) on the same windows, with the sparsity each achieved there. Leaves the model
-    with `thresholds`."""
+    fused biases in mode spon) on the same windows and weights (fp8-rounded ones if the model is quantized),
+    with the sparsity each achieved there. Leaves the model with `thresholds`."""
     model.set_thresholds(teal_thresholds)
     dense = perplexity(model, windows, "dense")
     teal = perplexity(model, windows, "teal")
@@ -78,7 +81,8 @@ def compare_methods(
     spon = perplexity(model, windows, method_mode)
     spon_sparsity, _ = measure_sparsity(model, windows, method_mode)
     return PerplexityReport(data=data, num_windows=windows.shape[0], window=windows.shape[1], dense=dense, teal=teal,
-                            spon=spon, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity)
+                            spon=spon, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity,
+                            quantization=model.quantization)
 
 
 def teal_baseline(config: SponConfig) -> tuple[dict[str, float], str]:
@@ -98,10 +102,15 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
                             source=f"--data {args.data}")
     sparse = SparseModel(load_hf_model(args.checkpoint, device=resolve_device(args.device)), config.projections)
     sparse.apply_checkpoint(checkpoint)
+    sparse.quantize(args.quantization)
     teal_thresholds, teal_label = teal_baseline(config)
     report = compare_methods(sparse, windows, args.data, teal_thresholds, config.thresholds,
                              "spon" if checkpoint.biases else "teal")
     recovered = report.gap_recovered
+    unquantized = {}
+    if args.quantization != "none":
+        with sparse.unquantized():
+            unquantized["dense_unquantized_ppl"] = round(perplexity(sparse, windows, "dense"), 3)
     return report, {
         "checkpoint": str(args.checkpoint),
         "method": config.method,
@@ -111,6 +120,8 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
         # Measured here, on these windows; `inspect` shows calibration's check on its own windows.
         "measured_on": f"{args.windows} x {args.window} tokens of {args.data}",
         "teal_thresholds": teal_label,
+        "quantization": args.quantization,
+        "calibrated_for_quantization": None if config.calibration is None else config.calibration.quantization,
         "target_sparsity": config.target_sparsity,
         "calibration_achieved_sparsity": config.achieved_sparsity,
         "spon_sparsity": round(report.spon_sparsity, 4),
@@ -118,6 +129,7 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
         "dense_ppl": round(report.dense, 3),
         "teal_ppl": round(report.teal, 3),
         "spon_ppl": round(report.spon, 3),
+        **unquantized,
         "gap_recovered": None if recovered is None else round(recovered, 4),
         "gap_recovered_note": report.gap_note(),
     }

@@ -28,14 +28,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vllm_spon.format.architectures import Family
+
 Fp8Scheme = Literal["per_tensor", "per_channel"]
+# What each `--quantization` (vLLM's name) does to the weights.
+FP8_SCHEME: dict[str, Fp8Scheme] = {"fp8": "per_tensor", "fp8_per_channel": "per_channel"}
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-# vLLM's fused modules: one per-tensor scale covers all of their shards.
-FUSED_MODULE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-QUANTIZED_PROJECTIONS = (*FUSED_MODULE, "o_proj", "down_proj")
 
 
 def _fp8_max() -> torch.Tensor:
@@ -80,29 +80,20 @@ def round_to_fp8(weight: torch.Tensor, scheme: Fp8Scheme, scale: torch.Tensor | 
 
 
 @torch.no_grad()
-def round_linears_to_fp8(model: nn.Module, scheme: Fp8Scheme,
-                         model_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, nn.Linear]:
-    """Round, in place, every linear weight that vLLM quantizes under `--quantization fp8` (per_tensor) or
-    `fp8_per_channel`; returns them by module name.
+def round_linears_to_fp8(linears: dict[str, nn.Linear], family: Family, scheme: Fp8Scheme,
+                         model_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Round, in place, the weights of `linears` (every linear of every block: vLLM's fp8 configs quantize
+    all of its `LinearBase` layers, sparsified or not, and neither embeddings nor the LM head) as
+    `--quantization fp8` (per_tensor) or `fp8_per_channel` does; returns the original weights by module name.
 
-    These are all seven projections of every decoder block (vLLM's `LinearBase` layers: qkv_proj, o_proj,
-    gate_up_proj, down_proj), whether or not they are sparsified: embeddings and the LM head are
-    `VocabParallelEmbedding`/`ParallelLMHead`, which neither fp8 config quantizes, and biases and norms stay.
-    Per-tensor, q/k/v and gate/up share one scale, as their fused module does in vLLM. `model_dtype` is the
-    dtype vLLM serves in (`--dtype`; None: quantize the weights as they are)."""
-    linears: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ".layers." in name:
-            if name.rsplit(".", 1)[-1] not in QUANTIZED_PROJECTIONS:
-                raise ValueError(f"{name}: a decoder linear vllm-spon does not know how vLLM fuses; only "
-                                 f"Llama-style blocks ({', '.join(QUANTIZED_PROJECTIONS)}) are supported")
-            linears[name] = module
-    if not linears:
-        raise ValueError(f"no decoder linears in {type(model).__name__}: vllm-spon supports Llama-style models")
-    groups: dict[str, list[nn.Linear]] = {}
+    Per-tensor, the projections of one vLLM layer (q/k/v: qkv_proj, gate/up: gate_up_proj, the family's
+    table says which) share one scale, as in vLLM. `model_dtype` is the dtype vLLM serves in (`--dtype`;
+    None: quantize the weights as they are)."""
+    groups: dict[tuple[int, str], list[nn.Linear]] = {}
     for name, linear in linears.items():
-        parent, proj = name.rsplit(".", 1)
-        groups.setdefault(f"{parent}.{FUSED_MODULE.get(proj, proj)}", []).append(linear)
+        index, projection = family.parse(name)
+        groups.setdefault((index, projection.vllm_layer), []).append(linear)
+    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
     for shards in groups.values():
         scale = None
         if scheme == "per_tensor":
@@ -110,4 +101,4 @@ def round_linears_to_fp8(model: nn.Module, scheme: Fp8Scheme,
             scale = fp8_scale(amax.reshape(1), scheme)
         for shard in shards:
             shard.weight.copy_(round_to_fp8(shard.weight, scheme, scale, model_dtype))
-    return linears
+    return originals

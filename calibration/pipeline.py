@@ -42,6 +42,7 @@ from vllm_spon.format.schema import (
     Method,
     PerplexityReport,
     Projections,
+    Quantization,
     SponConfig,
     ThresholdStats,
 )
@@ -84,6 +85,10 @@ class CalibrationArgs(BaseModel):
         default="output", description="where SPON vectors train before fusion into the bias")
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="training precision; auto: bf16 autocast where the hardware has fast bf16")
+    quantization: Quantization = Field(
+        default="none", description="round the student's weights as `vllm serve --dtype bfloat16 --quantization "
+        "Q` will (fp8: per tensor; fp8_per_channel), so the biases also compensate the rounding; the teacher "
+        "stays unquantized")
     layout: Layout = Field(
         default="full", description="full: copy the base model; overlay: spon/ plus links to the base model's files")
     eval_data: str | None = Field(default=DEFAULT_EVAL_DATA,
@@ -147,6 +152,7 @@ def calibrate(args: CalibrationArgs) -> Path:
     eval_windows = (token_windows(tokenizer, load_text(args.eval_data), args.eval_window, args.eval_windows,
                                   source=f"--eval-data {args.eval_data}") if args.eval_data else None)
     sparse = SparseModel(load_hf_model(args.model, device=resolve_device(args.device)), args.projections)
+    sparse.quantize(args.quantization)  # thresholds are fitted on the activations of the model as served
 
     if args.allocation == "greedy":
         module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, log=logger.info)
@@ -195,7 +201,7 @@ def calibrate(args: CalibrationArgs) -> Path:
             data=args.data, num_tokens=stats_windows.numel(), window=args.window,
             threshold_stats=args.threshold_stats, allocation=args.allocation,
             steps=args.steps if args.method == "spon" else 0, lr=args.lr,
-            tokens_per_step=args.windows_per_step * args.window, seed=args.seed,
+            tokens_per_step=args.windows_per_step * args.window, seed=args.seed, quantization=args.quantization,
             seconds=round(time.perf_counter() - start, 1),
         ),
         perplexity=report,

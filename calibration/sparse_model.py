@@ -20,9 +20,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vllm_spon.calibration.fp8_weights import FP8_SCHEME, round_linears_to_fp8
 from vllm_spon.format.architectures import Family, family_named
 from vllm_spon.format.checkpoint import SponCheckpoint
-from vllm_spon.format.schema import BiasSpace
+from vllm_spon.format.schema import BiasSpace, Quantization
 from vllm_spon.kernels.reference import sparsify
 
 Mode = Literal["dense", "teal", "spon"]
@@ -103,6 +104,9 @@ class SparseModel:
         self.vectors: dict[str, nn.Parameter] = {}
         self.bias_space: BiasSpace | None = None
         self.mode: Mode = "dense"
+        self.quantization: Quantization = "none"
+        self._unquantized: dict[str, torch.Tensor] = {}
+        self._block: dict[str, nn.Linear] = {}
         self.counter: SparsityCounter | None = None
         self.input_observer: Callable[[str, torch.Tensor], None] | None = None
         for name, linear in self.linears.items():
@@ -174,6 +178,30 @@ class SparseModel:
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.family.layers)
+
+    # --- weights as served ----------------------------------------------------------------------------------
+    def quantize(self, quantization: Quantization, model_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Round every block linear as `vllm serve --quantization Q --dtype bfloat16` does (all three modes
+        then compute with those weights); the originals are kept for `unquantized`."""
+        if quantization == "none":
+            return
+        block = sparsifiable_linears(self.model)
+        self._unquantized = round_linears_to_fp8(block, self.family, FP8_SCHEME[quantization], model_dtype)
+        self._block = block
+        self.quantization = quantization
+
+    @contextmanager
+    def unquantized(self) -> Iterator["SparseModel"]:
+        """The original weights in place of the rounded ones (the teacher of SPON training); a no-op when the
+        model is not quantized. Swaps tensors by reference: no copy."""
+        rounded = {name: self._block[name].weight.data for name in self._unquantized}
+        for name, weight in self._unquantized.items():
+            self._block[name].weight.data = weight
+        try:
+            yield self
+        finally:
+            for name, weight in rounded.items():
+                self._block[name].weight.data = weight
 
     # --- parameters ------------------------------------------------------------------------------------
     def apply_checkpoint(self, checkpoint: SponCheckpoint) -> None:

@@ -1,6 +1,7 @@
 """SPON training: learn one input-independent vector per sparsified linear by KL distillation.
 
-The model is frozen; the dense model (same weights, mode "dense") is the teacher and the thresholded model
+The model is frozen; the dense model (same weights, mode "dense"; its unquantized weights where the student's
+are rounded to fp8, so the biases compensate quantization error too) is the teacher and the thresholded model
 plus vectors is the student. The loss is KL(p_dense || p_sparse) over the final logits of every position.
 Input-space vectors `a` (the paper's) are added after thresholding; output-space vectors `c` are added to the
 linear's output. Both fuse to the same bias (`W a` or `c`), so they differ only in optimisation geometry.
@@ -84,7 +85,7 @@ def train_spon(
         batch = windows[order[cursor: cursor + config.windows_per_step]].to(device)
         cursor += config.windows_per_step
         with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16"):
-            with torch.no_grad(), model.use("dense"):
+            with torch.no_grad(), model.use("dense"), model.unquantized():
                 teacher = model.logits(batch)
             with model.use("spon"):
                 loss = kl_dense_to_sparse(teacher, model.logits(batch))

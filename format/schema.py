@@ -15,6 +15,8 @@ Method = Literal["spon", "teal"]
 BiasSpace = Literal["input", "output"]
 ThresholdStats = Literal["dense", "sequential"]
 Allocation = Literal["uniform", "greedy"]
+# vLLM's fp8 weight quantization the model is served with (`vllm serve --quantization ...`), or none.
+Quantization = Literal["none", "fp8", "fp8_per_channel"]
 
 
 def _known_projections(v: tuple[str, ...]) -> tuple[str, ...]:
@@ -55,8 +57,8 @@ class CalibrationInfo(_Strict):
     tokens_per_step: int = Field(ge=0)
     seed: int
     seconds: float = Field(ge=0)
-    quantization: Literal["none", "fp8"] = Field(
-        default="none", description="fp8: the student's weights were rounded to fp8 as vLLM rounds them")
+    quantization: Quantization = Field(
+        default="none", description="the student's weights were rounded as this vLLM quantization rounds them")
 
 
 # Sparsities (achieved on the same windows) within which TEAL and SPON are compared: beyond it a method's
@@ -77,6 +79,7 @@ class PerplexityReport(_Strict):
     spon: float = Field(gt=0)
     teal_sparsity: float = Field(ge=0, le=1)
     spon_sparsity: float = Field(ge=0, le=1)
+    quantization: Quantization = Field(default="none", description="the weights of all three, as vLLM rounds them")
 
     @property
     def matched(self) -> bool:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# `vllm-spon calibrate` options that make `tiny_model` calibrate in seconds.
+TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
+               "--eval-window", "32"]
 CACHE = Path(os.environ.get("VLLM_SPON_TEST_CACHE", ROOT / "artifacts" / "test-cache"))
 
 
@@ -35,6 +38,26 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_llama_dir, tmp_path_factory) -> Path:
+    """`tiny_llama_dir`'s architecture with 256 ids and a byte-level tokenizer: calibrate and eval run on it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.vocab_size = 256
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
     return path
 
 

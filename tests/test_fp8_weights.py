@@ -8,10 +8,13 @@ per-tensor kernel `Fp8PerTensorOnlineLinearMethod` runs). Where CUDA is availabl
 are compared too (vLLM 0.26's online path calls them with `scale=None`).
 """
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import TINY_BUDGET
 from vllm_spon.calibration.fp8_weights import (
     FP8_DTYPE,
     FP8_MAX,
@@ -20,6 +23,9 @@ from vllm_spon.calibration.fp8_weights import (
     round_linears_to_fp8,
     round_to_fp8,
 )
+from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, sparsifiable_linears
+from vllm_spon.format.architectures import FAMILIES
+from vllm_spon.format.checkpoint import load_checkpoint
 
 SHAPES = [(1, 1), (3, 7), (37, 53), (64, 96), (5, 300)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -169,32 +175,29 @@ def fused_weight(params: dict[str, torch.Tensor], layer: int, module: str) -> to
 @pytest.mark.parametrize("scheme", ["per_tensor", "per_channel"])
 def test_rounds_exactly_the_linears_vllm_quantizes(tiny_llama, scheme):
     before = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
-    rounded = round_linears_to_fp8(tiny_llama, scheme)
+    block = sparsifiable_linears(tiny_llama)
+    originals = round_linears_to_fp8(block, FAMILIES[0], scheme)
     expected = {f"model.layers.{i}.{block}.{p}" for i in range(2) for p, block in BLOCKS.items()}
-    assert set(rounded) == expected
+    assert set(originals) == expected
+    assert all(torch.equal(originals[m], before[f"{m}.weight"]) for m in expected)  # what the teacher gets back
     changed = {name for name, p in tiny_llama.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {f"{m}.weight" for m in expected}  # not embed_tokens, lm_head or the norms
     if scheme == "per_channel":
-        for name, linear in rounded.items():
+        for name in expected:
             expected_weight = round_to_fp8(before[f"{name}.weight"], scheme, model_dtype=torch.bfloat16)
-            assert linear.weight.dtype == torch.float32 and torch.equal(linear.weight, expected_weight)
+            weight = block[name].weight
+            assert weight.dtype == torch.float32 and torch.equal(weight, expected_weight)
 
 
 def test_per_tensor_shares_one_scale_per_fused_module(tiny_llama):
     """q/k/v (vLLM's qkv_proj) and gate/up (gate_up_proj) are quantized with the scale of their concatenation."""
     before = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
-    round_linears_to_fp8(tiny_llama, "per_tensor")
+    round_linears_to_fp8(sparsifiable_linears(tiny_llama), FAMILIES[0], "per_tensor")
     after = dict(tiny_llama.named_parameters())
     for layer in range(2):
         for module in VLLM_MODULES:
             q, scale = quantize_fp8(fused_weight(before, layer, module).to(torch.bfloat16), "per_tensor")
             assert torch.equal(fused_weight(after, layer, module), q.float() * scale)
-
-
-def test_refuses_unknown_decoder_linears(tiny_llama):
-    tiny_llama.model.layers[0].mlp.router = nn.Linear(64, 4)
-    with pytest.raises(ValueError, match="router"):
-        round_linears_to_fp8(tiny_llama, "per_channel")
 
 
 def vllm_fp8_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -221,7 +224,7 @@ def test_vllm_engine_holds_the_rounded_weights(tmp_path, monkeypatch, quantizati
               enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=256)
     [held] = llm.apply_model(vllm_fp8_weights)
     del llm
-    round_linears_to_fp8(hf, scheme)
+    round_linears_to_fp8(sparsifiable_linears(hf), FAMILIES[0], scheme)
     params = {name: p.detach() for name, p in hf.named_parameters()}
     assert set(held) == {f"model.layers.{i}.{m}" for i in range(2) for m in VLLM_MODULES}
     for name, (weight, scale) in held.items():
@@ -229,3 +232,39 @@ def test_vllm_engine_holds_the_rounded_weights(tmp_path, monkeypatch, quantizati
         expected = fused_weight(params, layer, module)
         weight = weight if weight.shape == expected.shape else weight.t()
         assert torch.equal(weight * (scale.reshape(-1, 1) if scale.numel() > 1 else scale), expected), name
+
+
+def test_a_quantized_reference_keeps_its_unquantized_teacher(tiny_llama_dir):
+    """All three modes compute with the rounded weights; `unquantized()` (SPON training's teacher) puts the
+    originals back exactly, and leaves the rounded ones in place afterwards."""
+    sparse = SparseModel(load_hf_model(tiny_llama_dir))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with sparse.use("dense"):
+        original = sparse.logits(ids)
+        sparse.quantize("fp8")
+        rounded = sparse.logits(ids)
+        with sparse.unquantized():
+            teacher = sparse.logits(ids)
+        after = sparse.logits(ids)
+    assert not torch.equal(rounded, original)
+    assert torch.equal(teacher, original) and torch.equal(after, rounded)
+
+
+def test_calibrate_and_eval_target_fp8(capsys, tiny_model, tmp_path):
+    """`calibrate --quantization fp8` records it (and its held-out check ran on fp8 weights); `eval
+    --quantization fp8` measures dense-fp8 / TEAL-fp8 / SPON-fp8 and the unquantized dense for scale."""
+    from vllm_spon.cli import main
+
+    output = tmp_path / "ckpt"
+    assert main(["calibrate", str(tiny_model), "--output", str(output), "--quantization", "fp8", *TINY_BUDGET]) == 0
+    config = load_checkpoint(output).config
+    assert config.calibration.quantization == "fp8" and config.perplexity.quantization == "fp8"
+    capsys.readouterr()
+    assert main(["eval", str(output), "--windows", "1", "--window", "32", "--quantization", "fp8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantization"] == report["calibrated_for_quantization"] == "fp8"
+    assert report["dense_ppl"] != report["dense_unquantized_ppl"]
+    assert main(["eval", str(output), "--windows", "1", "--window", "32", "--json"]) == 0
+    unquantized = json.loads(capsys.readouterr().out)
+    assert unquantized["quantization"] == "none" and "dense_unquantized_ppl" not in unquantized
+    assert unquantized["dense_ppl"] == report["dense_unquantized_ppl"]

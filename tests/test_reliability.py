@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.checkpoint_edits import claim_calibration, edit_config, edit_tensors
+from tests.conftest import TINY_BUDGET
 from vllm_spon import __version__
 from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
@@ -25,8 +26,6 @@ from vllm_spon.format.checkpoint import is_spon_checkpoint, load_checkpoint
 from vllm_spon.format.errors import CheckpointError
 from vllm_spon.format.schema import PerplexityReport
 
-TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
-               "--eval-window", "32"]
 MODULE = "model.layers.1.mlp.down_proj"
 # A subprocess that sends itself SIG when FUNCTION of vllm_spon.calibration.MODULE is called, then runs the CLI.
 SIGNAL_AT = """
@@ -40,25 +39,6 @@ target.{function} = signalled
 from vllm_spon.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_llama_dir, tmp_path_factory) -> Path:
-    """`tiny_llama_dir`'s architecture with 256 ids and a byte-level tokenizer: calibrate and eval run on it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama-tokenizer")
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.vocab_size = 256
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
-    return path
 
 
 @pytest.fixture()
