@@ -8,6 +8,9 @@ achieved sparsity, which is reported; the gap recovered only where the two are w
 
     .venv/bin/python benchmarks/bench_calibration.py --workdir artifacts/bench [--sparsities 0.25,0.4,0.5,0.6,0.7]
 Writes results.json, results.md and perplexity_vs_sparsity.png to the work directory.
+With `--quantization fp8` every row is evaluated on fp8-rounded weights (as `vllm serve --quantization fp8`
+computes), once for a checkpoint calibrated unquantized and once for one calibrated for fp8: which recipe to
+document.
 """
 
 import argparse
@@ -24,16 +27,20 @@ from vllm_spon.calibration.example_model import write_example_model
 from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.format.checkpoint import load_checkpoint
+from vllm_spon.format.schema import Quantization
 
 EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
 
 
-def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Tensor]) -> dict:
-    """Dense, TEAL (the checkpoint's own TEAL thresholds) and SPON on every eval set: `vllm-spon eval`'s
-    measurement (`compare_methods`), so the table and the tool agree."""
+def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Tensor],
+                  quantization: Quantization = "none") -> dict:
+    """Dense, TEAL (the checkpoint's own TEAL thresholds) and SPON on every eval set, with the weights as
+    `quantization` serves them: `vllm-spon eval`'s measurement (`compare_methods`), so the table and the tool
+    agree."""
     ckpt = load_checkpoint(checkpoint)
     sparse = SparseModel(load_hf_model(model_dir), ckpt.config.projections)
     sparse.apply_checkpoint(ckpt)
+    sparse.quantize(quantization)
     teal_thresholds, _ = teal_baseline(ckpt.config)
     out: dict = {}
     for name, w in windows.items():
@@ -65,11 +72,12 @@ def recovered(e: dict) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| target | eval text | dense | TEAL (sparsity) | SPON (sparsity) | gap recovered | calib. s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| target | calibrated for / served | eval text | dense | TEAL (sparsity) | SPON (sparsity) "
+             "| gap recovered | calib. s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for name, e in r["eval"].items():
-            lines.append(f"| {r['sparsity']:.2f} | {name} | {e['dense']:.2f} | {e['teal']:.2f} "
+            lines.append(f"| {r['sparsity']:.2f} | {r['calibrated_for']} / {e['quantization']} | {name} | "
+                         f"{e['dense']:.2f} | {e['teal']:.2f} "
                          f"({e['teal_sparsity']:.3f}) | {e['spon']:.2f} ({e['spon_sparsity']:.3f}) | "
                          f"{recovered(e)} | {r['calibration_s']:.0f} |")
     return "\n".join(lines)
@@ -82,6 +90,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--steps", type=int, help="override the default SPON step count")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
+    parser.add_argument("--quantization", choices=["none", "fp8", "fp8_per_channel"], default="none",
+                        help="serve (evaluate) with this vLLM weight quantization and compare two recipes: "
+                        "calibrated unquantized, and calibrated for it (`calibrate --quantization`)")
     ns = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ns.workdir.mkdir(parents=True, exist_ok=True)
@@ -92,25 +103,31 @@ def main() -> None:
     windows = {name: token_windows(tokenizer, load_text(spec), 512, ns.eval_windows, source=spec)
                for name, spec in EVAL_SETS.items()}
     results = []
+    served: Quantization = ns.quantization
+    recipes: list[Quantization] = ["none"] if served == "none" else ["none", served]
     for s in [float(x) for x in ns.sparsities.split(",")]:
-        checkpoint = ns.workdir / f"spon{round(s * 100)}"
-        row_file = checkpoint.with_suffix(".json")  # one row per sparsity, so an interrupted run resumes
-        if row_file.is_file() and not ns.fresh:
-            results.append(json.loads(row_file.read_text()))
-            continue
-        t0 = time.perf_counter()
-        extra = {"steps": ns.steps} if ns.steps is not None else {}
-        calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
-                                  eval_data=None, overwrite=True, **extra))
-        seconds = time.perf_counter() - t0
-        results.append({"sparsity": s, "calibration_s": seconds,
-                        "eval": evaluate_pair(model_dir, checkpoint, windows)})
-        row_file.write_text(json.dumps(results[-1], indent=2))
-        print(markdown(results[-1:]), flush=True)
-    results.sort(key=lambda r: r["sparsity"])
+        for recipe in recipes:
+            checkpoint = ns.workdir / (f"spon{round(s * 100)}" + ("" if recipe == "none" else f"-{recipe}"))
+            # one row per sparsity and recipe, so an interrupted run resumes
+            row_file = checkpoint.with_name(checkpoint.name + ("" if served == "none" else f"-served-{served}"))
+            row_file = row_file.with_suffix(".json")
+            if row_file.is_file() and not ns.fresh:
+                results.append(json.loads(row_file.read_text()))
+                continue
+            t0 = time.perf_counter()
+            extra = {"steps": ns.steps} if ns.steps is not None else {}
+            calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
+                                      eval_data=None, overwrite=True, quantization=recipe, **extra))
+            seconds = time.perf_counter() - t0
+            results.append({"sparsity": s, "calibrated_for": recipe, "calibration_s": seconds,
+                             "eval": evaluate_pair(model_dir, checkpoint, windows, served)})
+            row_file.write_text(json.dumps(results[-1], indent=2))
+            print(markdown(results[-1:]), flush=True)
+    results.sort(key=lambda r: (r["sparsity"], r["calibrated_for"] != "none"))
     (ns.workdir / "results.json").write_text(json.dumps(results, indent=2))
     (ns.workdir / "results.md").write_text(markdown(results) + "\n")
-    plot(results, ns.workdir / "perplexity_vs_sparsity.png")
+    if served == "none":
+        plot(results, ns.workdir / "perplexity_vs_sparsity.png")
     print(markdown(results))
 
 
