@@ -195,3 +195,31 @@ def test_fp8_entry_without_table_entry_takes_dense():
     if configs.select(k, ends[-1], 1, x.dtype, x.device, fp8=True) is None:
         marker = torch.zeros(1, ends[-1], dtype=x.dtype, device="cuda")
         assert sparse_linear_fp8(x, w8, scale, thr, ends, b, dense=lambda _: marker) is marker
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "dot"])
+def test_one_token_kernels_exact_on_repeated_launches(kernel):
+    """Race check: 25 launches per weight dtype and shape on fresh whole-number data (exact sums, so any
+    difference from the reference is a wrong value, not rounding); every launch must match bit for bit."""
+    from vllm_spon.kernels import triton_sparse as ts
+    from vllm_spon.kernels.reference import sparse_linear_fp8_reference
+
+    config = ts.Config(**KERNELS[kernel])
+    wrong = {}
+    for shape in ("gate_up", "qkv"):
+        k, ends = SHAPES[shape]
+        for fp8 in (False, True):
+            bad = 0
+            for _ in range(25):
+                if fp8:
+                    x, w, scale, thr, b = _fp8_problem(k, ends, per_channel=True, integers=True)
+                    ref = sparse_linear_fp8_reference(x, w, scale, thr, ends, b)
+                else:
+                    x, w, thr, b = _problem(1, k, ends, torch.bfloat16, integers=True)
+                    scale, ref = None, sparse_linear_reference(x, w, thr, ends, b)
+                out = torch.full((1, ends[-1]), float("nan"), dtype=x.dtype, device="cuda")
+                y = ts.launch(x, w, thr, ends, b, config, out=out, weight_scale=scale)
+                bad += not torch.equal(y, ref)
+            if bad:
+                wrong[shape, "fp8" if fp8 else "bf16"] = bad
+    assert not wrong, f"launches differing from the reference (of 25): {wrong}"
