@@ -294,7 +294,7 @@ def tune(cases: dict[str, Case], log, tokens_list=TOKENS) -> dict:
                 "dense_us": dense,
                 "finalists": [(f[0], dict(zip(TUNE_SPARSITIES, f[1], strict=True)), repr(f[2])) for f in finalists],
                 "chosen": repr(choice),
-                "top": [(r[0], repr(r[1])) for r in results[:16]],
+                "all": [(r[0], repr(r[1])) for r in results],  # every config at s = 0.5, fastest first
             }
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -500,7 +500,7 @@ def tune_fp8(fcases: dict[str, Fp8Case], log) -> tuple[dict, dict]:
         best[(fc.case.k, fc.case.n, 1)] = finalists[0][2] if finalists else None
         rec = {"shape": name, "baselines": fc.baselines, "chosen": repr(choice),
                "finalists": [(f[0], dict(zip(TUNE_SPARSITIES, f[1], strict=True)), repr(f[2])) for f in finalists],
-               "top": [(r[0], repr(r[1])) for r in results[:24]]}  # fmt: skip
+               "all": [(r[0], repr(r[1])) for r in results]}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
         log.flush()
         for f in finalists:
