@@ -136,7 +136,16 @@ FAMILIES = (
     Family("qwen3", ("Qwen3ForCausalLM",), "per-head RMSNorm of q and k after q/k_proj (the SPON bias is added "
            "before it); head_dim set in the config, not hidden / heads"),
     Family("granite", ("GraniteForCausalLM",), "embedding, residual, attention and logit multipliers"),
+    Family("gemma2", ("Gemma2ForCausalLM",), "GELU-tanh MLP, (1 + w) RMSNorms before and after attention and "
+           "MLP, embeddings scaled by sqrt(hidden), tied LM head, attention and final-logit soft-capping, "
+           "alternating sliding-window layers"),
+    Family("gemma3", ("Gemma3ForCausalLM",), "as Gemma 2, plus per-head q/k norms (after q/k_proj, so after the "
+           "SPON bias), no attention soft-cap, local and global RoPE per layer type"),
 )
+# Not in the table, and why: Phi-3 (Phi3ForCausalLM) stores q/k/v and gate/up already fused in its checkpoint
+# (`qkv_proj`, `gate_up_proj` Hugging Face modules), so one checkpoint module is several vLLM output segments:
+# the plugin would have to expand its threshold to the segments and load its bias unsharded by vLLM's
+# fused-on-disk path. Mixture-of-experts models: the experts' MLPs are not linears of this table.
 SUPPORTED_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.architectures)
 # Every projection name of every family: what `--projections` may name before the model is known.
 KNOWN_PROJECTIONS = tuple(dict.fromkeys(p for f in FAMILIES for p in f.projections))
