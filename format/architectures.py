@@ -51,6 +51,9 @@ class Projection:
     vllm_layer: str  # the vLLM layer holding it; several projections of one layer are its output segments
     parallel: Literal["column", "row"]  # how vLLM splits it over tensor-parallel ranks (outputs or inputs)
     out_features: Callable[[ModelShape], int]
+    # vLLM output segments this one module spans: 1, or more where the checkpoint stores a fused module
+    # (Phi-3's `qkv_proj`: 3) that vLLM splits like its own fused layer; one threshold covers them all.
+    segments: int = 1
 
 
 # The Llama block, which every family below shares (they differ in what surrounds these linears).
@@ -61,6 +64,15 @@ LLAMA_BLOCK = (
     Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden),
     Projection("gate_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: s.intermediate),
     Projection("up_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: s.intermediate),
+    Projection("down_proj", "mlp", "mlp_out", "down_proj", "row", lambda s: s.hidden),
+)
+
+# Phi-3's checkpoints store q/k/v and gate/up already fused (`qkv_proj` rows [q|k|v], `gate_up_proj` [gate|up]).
+PHI3_BLOCK = (
+    Projection("qkv_proj", "self_attn", "attn_in", "qkv_proj", "column",
+               lambda s: (s.heads + 2 * s.kv_heads) * s.head_dim, segments=3),
+    Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden),
+    Projection("gate_up_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: 2 * s.intermediate, segments=2),
     Projection("down_proj", "mlp", "mlp_out", "down_proj", "row", lambda s: s.hidden),
 )
 
@@ -141,11 +153,10 @@ FAMILIES = (
            "alternating sliding-window layers"),
     Family("gemma3", ("Gemma3ForCausalLM",), "as Gemma 2, plus per-head q/k norms (after q/k_proj, so after the "
            "SPON bias), no attention soft-cap, local and global RoPE per layer type"),
+    Family("phi3", ("Phi3ForCausalLM",), "q/k/v and gate/up stored fused in the checkpoint: one threshold and one "
+           "bias per fused module, which vLLM splits into its segments", block=PHI3_BLOCK),
 )
-# Not in the table, and why: Phi-3 (Phi3ForCausalLM) stores q/k/v and gate/up already fused in its checkpoint
-# (`qkv_proj`, `gate_up_proj` Hugging Face modules), so one checkpoint module is several vLLM output segments:
-# the plugin would have to expand its threshold to the segments and load its bias unsharded by vLLM's
-# fused-on-disk path. Mixture-of-experts models: the experts' MLPs are not linears of this table.
+# Not in the table: mixture-of-experts models (their experts' MLPs are not linears of a block here).
 SUPPORTED_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.architectures)
 # Every projection name of every family: what `--projections` may name before the model is known.
 KNOWN_PROJECTIONS = tuple(dict.fromkeys(p for f in FAMILIES for p in f.projections))

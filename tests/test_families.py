@@ -73,6 +73,7 @@ SPECS = {
          "layer_types": ["sliding_attention", "full_attention"]},
         embedding_scale=0.2,
     ),
+    "phi3": FamilySpec("Phi3Config", "Phi3ForCausalLM"),  # qkv_proj and gate_up_proj fused in the checkpoint
     "granite": FamilySpec(
         "GraniteConfig", "GraniteForCausalLM",
         # logits_scaling divides the logits: 8 (Granite 3's) flattened them into near-ties of the top two.

@@ -81,9 +81,11 @@ def expected_state(checkpoint_dir: str, tp_rank: int, tp_size: int) -> dict[str,
         biases = [checkpoint.biases[m] for m in modules]
         column = projection.parallel == "column"
         if column:
+            # A module stored fused is split by vLLM into segments before sharding: not worked out here.
+            assert projection.segments == 1 or tp_size == 1, "fused-on-disk modules: TP 1 only"
             biases = [b.chunk(tp_size)[tp_rank] for b in biases]
         state[f"{module.rsplit('.', 1)[0]}.{projection.vllm_layer}"] = {
-            "thresholds": [checkpoint.config.thresholds[m] for m in modules],
+            "thresholds": [checkpoint.config.thresholds[m] for m in modules for _ in range(projection.segments)],
             "bias": torch.cat(biases).tolist(),
             "adds_bias": column or tp_rank == 0,
         }

@@ -240,6 +240,22 @@ def fp8_kernel_selected(inner: LinearMethodBase, layer: LinearBase, device: torc
     return any(configs.select(k, n, b, layer.params_dtype, device, fp8=True) for b in configs.TOKEN_BUCKETS)
 
 
+def _threshold_loader(layer: LinearBase):
+    """The layer's weight loader for `spon_threshold`, except for one threshold of a module the checkpoint
+    stores fused (Phi-3's `qkv_proj`): vLLM loads such a tensor without a shard id, and its own loader would
+    fill only the first segment; the threshold covers every segment."""
+    def load(param: Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None) -> None:
+        if shard_id is None and loaded_weight.dim() == 0 and param.numel() > 1:
+            param.data.fill_(loaded_weight.item())
+            return
+        if shard_id is None:
+            layer.weight_loader(param, loaded_weight)
+        else:
+            layer.weight_loader(param, loaded_weight, shard_id)
+
+    return load
+
+
 def install_spon_method(layer: LinearBase, has_bias: bool, device: torch.device) -> SponLinearMethod:
     """Wrap `layer.quant_method` and register the layer's SPON parameters (NaN until loaded)."""
     inner = layer.quant_method
@@ -248,7 +264,7 @@ def install_spon_method(layer: LinearBase, has_bias: bool, device: torch.device)
         torch.full((len(method.segment_ends),), math.nan, dtype=torch.float32, device=device),
         requires_grad=False,
     )
-    set_weight_attrs(threshold, {"needs_scalar_to_array": True, "weight_loader": layer.weight_loader})
+    set_weight_attrs(threshold, {"needs_scalar_to_array": True, "weight_loader": _threshold_loader(layer)})
     layer.register_parameter(THRESHOLD_PARAM, threshold)
     if has_bias:
         bias = Parameter(

@@ -35,16 +35,19 @@ class SponSite:
 
 
 def _member_out_features(layer: LinearBase, count: int) -> tuple[int, ...]:
-    """The unsharded output size of each fused module (what the checkpoint's bias vectors hold)."""
+    """The unsharded output size of each of the `count` checkpoint modules the layer holds (what their bias
+    vectors hold): one per segment, or all segments for one module stored fused (Phi-3's `qkv_proj`)."""
     if isinstance(layer, QKVParallelLinear):
-        return (
+        sizes = (
             layer.total_num_heads * layer.head_size,
             layer.total_num_kv_heads * layer.head_size,
             layer.total_num_kv_heads * layer.v_head_size,
         )
-    if isinstance(layer, MergedColumnParallelLinear):
-        return tuple(layer.output_sizes)
-    return (layer.output_size,) * count
+    elif isinstance(layer, MergedColumnParallelLinear):
+        sizes = tuple(layer.output_sizes)
+    else:
+        sizes = (layer.output_size,)
+    return sizes if count == len(sizes) else (sum(sizes),)
 
 
 def find_sites(model: nn.Module, checkpoint: SponCheckpoint, tensors_file: Path) -> list[SponSite]:
