@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from tests.checkpoint_edits import edit_config, edit_tensors
 from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
 from vllm_spon.format.architectures import FAMILIES, SUPPORTED_ARCHITECTURES
@@ -77,39 +78,25 @@ def test_not_a_checkpoint(tiny_llama_dir):
         load_checkpoint(tiny_llama_dir)
 
 
-def _edit_config(path, **changes):
-    cfg_path = path / "spon" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(changes)
-    cfg_path.write_text(json.dumps(cfg))
-
-
-def _edit_tensors(path, edit):
-    file = path / "spon" / "spon.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file)
-
-
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda p, m: _edit_config(p, format_version=99), "unknown format_version 99"),
-        (lambda p, m: _edit_config(p, projections=["x_proj"]), "projections must be"),
-        (lambda p, m: _edit_config(p, method="teal"), "bias_space is required"),
+        (lambda p, m: edit_config(p, lambda c: c.update(format_version=99)), "unknown format_version 99"),
+        (lambda p, m: edit_config(p, lambda c: c.update(projections=["x_proj"])), "projections must be"),
+        (lambda p, m: edit_config(p, lambda c: c.update(method="teal")), "bias_space is required"),
         (lambda p, m: (p / "spon" / "spon.safetensors").unlink(), "spon.safetensors is missing"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.pop(f"{m}.threshold")), "thresholds do not match"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(float("nan"))})),
+        (lambda p, m: edit_tensors(p, lambda t: t.pop(f"{m}.threshold")), "thresholds do not match"),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(float("nan"))})),
          "tensor {m}.threshold is nan"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(-1.0)})),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.tensor(-1.0)})),
          "tensor {m}.threshold is -1.0"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.zeros(2)})),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({f"{m}.threshold": torch.zeros(2)})),
          "tensor {m}.threshold must be a 0-d float"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.zeros(2, 2)})),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": torch.zeros(2, 2)})),
          r"tensor {m}.spon_bias has shape \[2, 2\], but the model's {m} has 64 outputs"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": t[f"{m}.spon_bias"] * float("inf")})),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({f"{m}.spon_bias": t[f"{m}.spon_bias"] * float("inf")})),
          "tensor {m}.spon_bias holds NaN or Inf"),
-        (lambda p, m: _edit_tensors(p, lambda t: t.update({"stray.weight": torch.zeros(1)})),
+        (lambda p, m: edit_tensors(p, lambda t: t.update({"stray.weight": torch.zeros(1)})),
          "unexpected tensor 'stray.weight'"),
     ],
 )
