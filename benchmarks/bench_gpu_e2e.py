@@ -10,6 +10,7 @@ engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its o
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --quantization fp8 --json /tmp/e2e/fp8.json
     python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
     python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small [--tp 2]   # greedy tokens vs reference
+    python benchmarks/bench_gpu_e2e.py batch-divergence --out /tmp/e2e-div --json OUT.json  # answers vs batch
 
 On the offline GPU host (no pip): `eval "$(bash scripts/gpu_host_env.sh)"` after the gpu-kit install makes
 this checkout importable and registers the plugin. Measured results: benchmarks/results/.
@@ -198,6 +199,44 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     assert differs_from_dense == len(prompts), "the SPON outputs equal the dense model's: sparsity not in effect?"
 
 
+def _answers(llm, prompts: list[list[int]], params, group: int) -> list[list[int]]:
+    """Greedy answers of `prompts` sent `group` at a time."""
+    got = []
+    for i in range(0, len(prompts), group):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[i:i + group]], params, use_tqdm=False)
+        got += [list(o.outputs[0].token_ids) for o in outs]
+    return got
+
+
+def batch_divergence(out: Path, num_prompts: int = 64, new_tokens: int = 32) -> dict:
+    """How many greedy answers change with the batch they are served in, dense against SPON, in bf16 with
+    compile and CUDA graphs (what a user runs): `num_prompts` random prompts sent one at a time, 8 at a time
+    and all at once. Neither is batch-invariant on a GPU (cuBLAS picks kernels by batch size; SPON's one-token
+    kernel serves batch 1 only), so the figure is SPON's count beside dense vLLM's."""
+    from vllm import LLM, SamplingParams
+
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)
+    if not (out / "spon50").exists():
+        make_models(out, shape, [0.5], torch.bfloat16, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (int(n),), generator=generator).tolist()
+               for n in torch.randint(4, 64, (num_prompts,), generator=generator)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    result: dict = {"prompts": num_prompts, "new_tokens": new_tokens, "gpu": torch.cuda.get_device_name()}
+    for name, model, load_format in (("dense", out / "base", "auto"), ("spon50", out / "spon50", "spon")):
+        llm = LLM(str(model), load_format=load_format, dtype="bfloat16", max_model_len=512,
+                  gpu_memory_utilization=0.3, seed=0)
+
+        alone = _answers(llm, prompts, params, 1)
+        result[name] = {f"changed_at_batch_{b}": sum(a != g for a, g in zip(
+            alone, _answers(llm, prompts, params, b), strict=True)) for b in (8, num_prompts)}
+        print(f"batch-divergence {name}: answers that differ from the same prompt sent alone: {result[name]} "
+              f"(of {num_prompts}, {new_tokens} greedy tokens each)", flush=True)
+        del llm
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -220,6 +259,9 @@ def main() -> None:
     p = sub.add_parser("check-tokens")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tp", type=int, default=1)
+    p = sub.add_parser("batch-divergence")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
     ns = parser.parse_args()
     if ns.cmd == "make":
         shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
@@ -231,6 +273,8 @@ def main() -> None:
         ns.json.write_text(json.dumps(result, indent=1))
     elif ns.cmd == "table":
         print(table(ns.json))
+    elif ns.cmd == "batch-divergence":
+        ns.json.write_text(json.dumps(batch_divergence(ns.out), indent=1))
     else:
         check_tokens(ns.out, ns.tp)
 
