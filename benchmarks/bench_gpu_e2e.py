@@ -208,25 +208,28 @@ def _answers(llm, prompts: list[list[int]], params, group: int) -> list[list[int
     return got
 
 
-def batch_divergence(out: Path, num_prompts: int = 64, new_tokens: int = 32) -> dict:
+def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, new_tokens: int = 32) -> dict:
     """How many greedy answers change with the batch they are served in, dense against SPON, in bf16 with
     compile and CUDA graphs (what a user runs): `num_prompts` random prompts sent one at a time, 8 at a time
     and all at once. Neither is batch-invariant on a GPU (cuBLAS picks kernels by batch size; SPON's one-token
-    kernel serves batch 1 only), so the figure is SPON's count beside dense vLLM's."""
+    kernel serves batch 1 only), so the figure is SPON's count beside dense vLLM's. `dtype` float32 runs
+    FlexAttention (IEEE float32, as check-tokens does): what is left there is the linears' summation order."""
     from vllm import LLM, SamplingParams
 
     shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)
     if not (out / "spon50").exists():
-        make_models(out, shape, [0.5], torch.bfloat16, seed=2)
+        make_models(out, shape, [0.5], getattr(torch, dtype), seed=2)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (int(n),), generator=generator).tolist()
                for n in torch.randint(4, 64, (num_prompts,), generator=generator)]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    result: dict = {"prompts": num_prompts, "new_tokens": new_tokens, "gpu": torch.cuda.get_device_name()}
+    result: dict = {"prompts": num_prompts, "new_tokens": new_tokens, "dtype": dtype,
+                    "gpu": torch.cuda.get_device_name()}
+    attention = {"attention_backend": "FLEX_ATTENTION"} if dtype == "float32" else {}
     for name, model, load_format in (("dense", out / "base", "auto"), ("spon50", out / "spon50", "spon")):
-        llm = LLM(str(model), load_format=load_format, dtype="bfloat16", max_model_len=512,
-                  gpu_memory_utilization=0.3, seed=0)
+        llm = LLM(str(model), load_format=load_format, dtype=dtype, max_model_len=512,
+                  gpu_memory_utilization=0.3, seed=0, **attention)
 
         alone = _answers(llm, prompts, params, 1)
         result[name] = {f"changed_at_batch_{b}": sum(a != g for a, g in zip(
@@ -262,6 +265,7 @@ def main() -> None:
     p = sub.add_parser("batch-divergence")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ns = parser.parse_args()
     if ns.cmd == "make":
         shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
@@ -274,7 +278,7 @@ def main() -> None:
     elif ns.cmd == "table":
         print(table(ns.json))
     elif ns.cmd == "batch-divergence":
-        ns.json.write_text(json.dumps(batch_divergence(ns.out), indent=1))
+        ns.json.write_text(json.dumps(batch_divergence(ns.out, ns.dtype), indent=1))
     else:
         check_tokens(ns.out, ns.tp)
 
