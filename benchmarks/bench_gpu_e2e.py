@@ -153,7 +153,8 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
 
     vLLM's default Triton attention multiplies float32 in TF32, whose rounding moves activations that sit
     next to a threshold across it; FlexAttention multiplies in IEEE float32, so both sides compute the same
-    function to float32 rounding and the greedy tokens must be equal. The dense model's tokens must differ
+    function to float32 rounding and the greedy tokens must be equal, batched (decode through the multi-token
+    path) and each prompt alone (through the one-token sparse kernel). The dense model's tokens must differ
     (the sparsity is really in effect).
     """
     from vllm import LLM, SamplingParams
@@ -169,9 +170,9 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     llm = LLM(str(out / "spon50"), load_format="spon", dtype="float32", max_model_len=512,
               gpu_memory_utilization=0.3, tensor_parallel_size=tensor_parallel_size,
               attention_backend="FLEX_ATTENTION")
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
-    got = [list(o.outputs[0].token_ids) for o in outs]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    got = _answers(llm, prompts, params, len(prompts))  # decode at batch 3: the multi-token path
+    alone = _answers(llm, prompts, params, 1)  # decode at batch 1: the one-token sparse kernel
     del llm
     model = load_hf_model(out / "spon50", device="cuda")
     sparse = SparseModel(model)
@@ -193,9 +194,12 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
             print(f"vllm      {tokens}\nreference {want}\ndense     {dense}\n(teacher-forced: largest gap of a "
                   f"vLLM token to the reference argmax {gap:.2e}, logit spread {float(logits.std(1).mean()):.2e})",
                   flush=True)
+    alone_equal = sum(a == g for a, g in zip(alone, got, strict=True))
     print(f"check-tokens (tp={tensor_parallel_size}): {equal}/{len(prompts)} greedy sequences equal the reference, "
-          f"{differs_from_dense}/{len(prompts)} differ from the dense model's", flush=True)
+          f"{differs_from_dense}/{len(prompts)} differ from the dense model's, {alone_equal}/{len(prompts)} sent "
+          "alone (the one-token kernel) equal them", flush=True)
     assert equal == len(prompts), "vLLM's greedy tokens differ from the reference sparse model's"
+    assert alone_equal == len(prompts), "vLLM's tokens at batch 1 (the sparse kernel) differ from the reference's"
     assert differs_from_dense == len(prompts), "the SPON outputs equal the dense model's: sparsity not in effect?"
 
 
