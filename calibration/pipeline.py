@@ -32,7 +32,7 @@ from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_
 from vllm_spon.calibration.spon_training import Precision, TrainConfig, TrainingError, train_spon
 from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
 from vllm_spon.format.checkpoint import check_output, now_iso, write_checkpoint
-from vllm_spon.format.identity import base_model_ref
+from vllm_spon.format.identity import base_model_ref, model_family
 from vllm_spon.format.schema import (
     FORMAT_VERSION,
     Allocation,
@@ -137,6 +137,7 @@ def calibrate(args: CalibrationArgs) -> Path:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     base = base_model_ref(args.model)  # also checks the model directory before any heavy work
+    model_family(args.model).check_projections(args.projections)
     check_output(args.output, args.model, args.layout, args.overwrite)
     tokenizer = load_tokenizer(args.model)
     # Training samples windows from the whole text; statistics use the first `num_tokens` of it.

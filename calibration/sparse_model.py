@@ -62,7 +62,7 @@ def sparsifiable_linears(model: nn.Module, projections: Iterable[str] | None = N
     """The decoder-block linears named in `projections` (default: all of the family's), keyed by Hugging Face
     module name, in model order."""
     family = family_of_model(model)
-    wanted = family.projections if projections is None else tuple(projections)
+    wanted = family.check_projections(projections)
     layers = model.get_submodule(family.layers)
     return {family.module(i, p): layers[i].get_submodule(f"{family.projection(p).parent}.{p}")
             for i in range(len(layers)) for p in family.projections if p in wanted}
@@ -95,7 +95,7 @@ class SparseModel:
         self.model = model.eval().requires_grad_(False)
         self.family = family_of_model(model)
         self.linears = sparsifiable_linears(model, projections)
-        self.projections = tuple(p for p in self.family.projections if projections is None or p in set(projections))
+        self.projections = self.family.check_projections(projections)
         device = next(model.parameters()).device
         self.thresholds: dict[str, torch.Tensor] = {
             m: torch.zeros((), dtype=torch.float32, device=device) for m in self.linears

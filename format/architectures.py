@@ -10,7 +10,7 @@ vLLM's model for every family here (`model.layers.N.self_attn.q_proj` / `...qkv_
 Adding a family: one `Family` entry in `FAMILIES` and its case in tests/test_families.py, nothing else.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,6 +102,15 @@ class Family:
         """A weight that identifies the base model: the first projection of the first layer."""
         first = self.block[0]
         return f"{self.layers}.0.{first.parent}.{first.name}.weight"
+
+    def check_projections(self, projections: Iterable[str] | None) -> tuple[str, ...]:
+        """`projections` (None: all of the block's) in block order; a name the block lacks is refused."""
+        wanted = self.projections if projections is None else tuple(projections)
+        foreign = sorted(set(wanted) - set(self.projections))
+        if foreign:
+            raise CheckpointError(f"--projections {','.join(foreign)}: not linears of a {self.name} block; its "
+                                  f"projections are {','.join(self.projections)}")
+        return tuple(p for p in self.projections if p in wanted)
 
     def projection(self, name: str) -> Projection:
         return next(p for p in self.block if p.name == name)

@@ -323,6 +323,13 @@ def test_bad_projections_are_refused(capsys, tiny_model, tmp_path, no_heavy_work
     assert code == 2 and "--projections: " in line and "projections must be a non-empty subset" in line
 
 
+def test_projections_of_another_family_are_refused(capsys, tiny_model, tmp_path, no_heavy_work):
+    """Phi-3's fused names are known projections, but not of a Llama block."""
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", "--projections", "qkv_proj",
+                     *TINY_BUDGET)
+    assert code == 1 and "--projections qkv_proj: not linears of a llama block" in line
+
+
 # --- help, version and labels --------------------------------------------------------------------------------
 
 def test_every_option_is_described_with_its_default(capsys):
