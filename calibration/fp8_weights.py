@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from vllm_spon.format.architectures import Family
+from vllm_spon.kernels.fp8 import FP8_DTYPE
 
 Fp8Scheme = Literal["per_tensor", "per_channel"]
 # What each `--quantization` (vLLM's name) does to the weights.
 FP8_SCHEME: dict[str, Fp8Scheme] = {"fp8": "per_tensor", "fp8_per_channel": "per_channel"}
 
-FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 
 

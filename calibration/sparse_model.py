@@ -105,8 +105,7 @@ class SparseModel:
         self.bias_space: BiasSpace | None = None
         self.mode: Mode = "dense"
         self.quantization: Quantization = "none"
-        self._unquantized: dict[str, torch.Tensor] = {}
-        self._block: dict[str, nn.Linear] = {}
+        self._unquantized: list[tuple[nn.Linear, torch.Tensor]] = []  # (linear, its original weight)
         self.counter: SparsityCounter | None = None
         self.input_observer: Callable[[str, torch.Tensor], None] | None = None
         for name, linear in self.linears.items():
@@ -186,22 +185,22 @@ class SparseModel:
         if quantization == "none":
             return
         block = sparsifiable_linears(self.model)
-        self._unquantized = round_linears_to_fp8(block, self.family, FP8_SCHEME[quantization], model_dtype)
-        self._block = block
+        originals = round_linears_to_fp8(block, self.family, FP8_SCHEME[quantization], model_dtype)
+        self._unquantized = [(block[name], weight) for name, weight in originals.items()]
         self.quantization = quantization
 
     @contextmanager
     def unquantized(self) -> Iterator["SparseModel"]:
         """The original weights in place of the rounded ones (the teacher of SPON training); a no-op when the
         model is not quantized. Swaps tensors by reference: no copy."""
-        rounded = {name: self._block[name].weight.data for name in self._unquantized}
-        for name, weight in self._unquantized.items():
-            self._block[name].weight.data = weight
+        rounded = [linear.weight.data for linear, _ in self._unquantized]
+        for linear, weight in self._unquantized:
+            linear.weight.data = weight
         try:
             yield self
         finally:
-            for name, weight in rounded.items():
-                self._block[name].weight.data = weight
+            for (linear, _), weight in zip(self._unquantized, rounded, strict=True):
+                linear.weight.data = weight
 
     # --- parameters ------------------------------------------------------------------------------------
     def apply_checkpoint(self, checkpoint: SponCheckpoint) -> None:
