@@ -22,6 +22,7 @@ time, max_tokens=1. Medians of repeats. Ratios are SPON over dense, measured in 
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -214,10 +215,12 @@ def _answers(llm, prompts: list[list[int]], params, group: int) -> list[list[int
 
 def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, new_tokens: int = 32) -> dict:
     """How many greedy answers change with the batch they are served in, dense against SPON, in bf16 with
-    compile and CUDA graphs (what a user runs): `num_prompts` random prompts sent one at a time, 8 at a time
-    and all at once. Neither is batch-invariant on a GPU (cuBLAS picks kernels by batch size; SPON's one-token
-    kernel serves batch 1 only), so the figure is SPON's count beside dense vLLM's. `dtype` float32 runs
-    FlexAttention (IEEE float32, as check-tokens does): what is left there is the linears' summation order."""
+    compile and CUDA graphs (what a user runs): `num_prompts` random prompts sent one at a time, a second time
+    one at a time (run-to-run determinism), 8 at a time and all at once. Neither is batch-invariant on a GPU
+    by default (cuBLAS picks kernels by batch size; SPON's one-token kernel serves batch 1 only), so the figure
+    is SPON's count beside dense vLLM's; with VLLM_BATCH_INVARIANT=1 in the environment both should be 0.
+    `dtype` float32 runs FlexAttention (IEEE float32, as check-tokens does): what is left there is the
+    linears' summation order."""
     from vllm import LLM, SamplingParams
 
     shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
@@ -229,7 +232,8 @@ def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, 
                for n in torch.randint(4, 64, (num_prompts,), generator=generator)]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     result: dict = {"prompts": num_prompts, "new_tokens": new_tokens, "dtype": dtype,
-                    "gpu": torch.cuda.get_device_name()}
+                    "gpu": torch.cuda.get_device_name(),
+                    "vllm_batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0")}
     attention = {"attention_backend": "FLEX_ATTENTION"} if dtype == "float32" else {}
     for name, model, load_format in (("dense", out / "base", "auto"), ("spon50", out / "spon50", "spon")):
         llm = LLM(str(model), load_format=load_format, dtype=dtype, max_model_len=512,
@@ -237,7 +241,8 @@ def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, 
 
         alone = _answers(llm, prompts, params, 1)
         result[name] = {f"changed_at_batch_{b}": sum(a != g for a, g in zip(
-            alone, _answers(llm, prompts, params, b), strict=True)) for b in (8, num_prompts)}
+            alone, _answers(llm, prompts, params, b), strict=True)) for b in (1, 8, num_prompts)}
+        result[name]["changed_when_sent_alone_again"] = result[name].pop("changed_at_batch_1")
         print(f"batch-divergence {name}: answers that differ from the same prompt sent alone: {result[name]} "
               f"(of {num_prompts}, {new_tokens} greedy tokens each)", flush=True)
         del llm

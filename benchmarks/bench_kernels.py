@@ -197,11 +197,29 @@ def _full_k_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
     return out
 
 
+FINALISTS_OF: list[ts.Config] | None = None  # --candidates-from: these instead of the full sweep
+
+
+def finalists_of(path: Path, tokens: int = 1) -> list[ts.Config]:
+    """Every finalist config of a previous `--tune` log (tune.jsonl) at `tokens`, all shapes together: a
+    re-tune after a kernel change that fits one device call (the full one-token sweep is ~1000 configs)."""
+    found: dict[str, ts.Config] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["tokens"] == tokens:
+            for *_, config in rec["finalists"]:
+                found.setdefault(config, eval(config, {"Config": ts.Config}))  # our own log
+    return list(found.values())
+
+
 def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     """The bf16 sweep for W^T `[k, n]`, pruned by the H200 runs (kernels/NOTES.md). One token: the
     compacting kernels (`_compact_candidates`), the kept-rows kernel at the configs that won before, and the
     one-tile GEMV at its best configs. More tokens: the tensor-core union kernel at its best H100 configs
-    (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed)."""
+    (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed).
+    With `--candidates-from`, one token takes that log's finalists instead."""
+    if tokens == 1 and FINALISTS_OF is not None:
+        return FINALISTS_OF
     if tokens > 1:
         return [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
     out = _compact_candidates(k, n, 2) + _full_k_candidates(k, n, 2)
@@ -590,7 +608,12 @@ def main() -> None:
     parser.add_argument("--fp8-table", type=Path, help="a --fp8 --tune run's tuned_fp8.txt: --tune writes it as "
                         "TUNED_FP8 beside TUNED (else the committed TUNED_FP8)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--candidates-from", type=Path, help="a previous --tune's tune.jsonl: its one-token "
+                        "finalists are the one-token sweep")  # fmt: skip
     args = parser.parse_args()
+    if args.candidates_from:
+        global FINALISTS_OF
+        FINALISTS_OF = finalists_of(args.candidates_from)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

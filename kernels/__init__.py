@@ -28,18 +28,16 @@ def has_triton_cuda() -> bool:
     return HAS_TRITON and torch.version.cuda is not None and torch.cuda.is_available()
 
 
-def prepare(device: torch.device, max_out_features: int) -> None:
-    """Allocate the kernels' per-device state (zeroed workspace, arrival counters, compaction scratch) ahead of time.
-
-    Call once the widest layer is known and before any CUDA-graph capture: a zero-fill recorded inside a
+def prepare(device: torch.device, in_features: int) -> None:
+    """Allocate the kernels' per-device state (zeroed arrival counters, compaction scratch for `in_features`
+    inputs) ahead of time, for each layer before any CUDA-graph capture: a zero-fill recorded inside a
     capture does not run until that graph replays.
     """
     if device.type == "cuda" and has_triton_cuda():
         from . import triton_sparse
 
-        triton_sparse.reserve_workspace(device, max_out_features)
         triton_sparse._arrival_counters(device)
-        triton_sparse.compaction_scratch(device)
+        triton_sparse.compaction_scratch(device, in_features)
 
 
 def sparse_linear(

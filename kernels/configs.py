@@ -15,6 +15,7 @@ dispatch keeps the dense path (under vLLM, its own fp8 matmul).
 import dataclasses
 import importlib
 import math
+import os
 import re
 from functools import cache
 
@@ -56,7 +57,7 @@ def select(
     measured entry for takes the dense path (vLLM's own fp8 matmul), never a config borrowed from bf16.
     """
     bucket = next((b for b in TOKEN_BUCKETS if tokens <= b), None)
-    if bucket is None:  # prefill
+    if bucket is None or vllm_batch_invariant():  # prefill; or one matmul for every token count
         return None
     table = table_for(DEFAULT_GPU if device is None else _device_name(device), fp8)
     config = table.get((k, n, bucket), ...)
@@ -68,6 +69,16 @@ def select(
     if config is not None and dtype == torch.float32:  # twice the bytes per element: same bytes per row
         config = dataclasses.replace(config, bn=max(16, config.bn // 2))
     return config
+
+
+@cache
+def vllm_batch_invariant() -> bool:
+    """Whether vLLM's batch-invariant mode is on (`VLLM_BATCH_INVARIANT=1`, read once). It replaces torch's
+    matmuls by ones whose result for a row does not depend on the batch; then every token count takes the
+    dense path on the thresholded input, so that decode and prefill alike give a token the same bits (the
+    sparse kernels are invariant only among decode sizes). Read from the environment, as vLLM reads it, so
+    that this package needs no vLLM."""
+    return bool(int(os.environ.get("VLLM_BATCH_INVARIANT", "0") or "0"))
 
 
 def _nearest(table: dict, shapes: list[tuple[int, int]], k: int, n: int, bucket: int) -> Config | None:

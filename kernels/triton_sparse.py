@@ -8,23 +8,24 @@ never straddles a segment, so it reads one threshold. Kernels (kernels/NOTES.md 
   and one block of inputs, forms the block's keep mask and its prefix sum, and multiplies only the kept
   rows, bm at a time, found by a binary search of the prefix sum; a program with no kept rows does no work.
   The compaction is recomputed by every program from x (a few hundred bytes, in L2) instead of a second
-  launch. Partial sums go atomically into an fp32 workspace that stays in L2 and stays zero between
-  launches: the last program of a column tile adds the bias, writes `y` and re-zeroes its slice.
+  launch. Each program stores its fp32 partial sums in a slot of its own (in L2); the last program of a
+  column tile adds the slots in a fixed order, adds the bias and writes `y` (`_finish`): the same bits on
+  every run, which float atomics, adding in arrival order, did not give.
 - `_compact_kernel` (one token, kinds "compact" and "compact_mma"): the same work in proportion to the kept
   rows, but each program compacts its block once by a scatter - kept row indices and values at their
   prefix-sum ranks into a per-device scratch (L2), then one barrier - instead of searching the prefix sum
   for every group, and loads a group's rows with one gather. "compact" sums with FMAs, "compact_mma" on the
   tensor cores (wgmma: W^T's rows transposed in registers as the A operand, the token as a 16-wide B).
 - `_gemv_kernel` (one token): TEAL's grid of one-tile programs, masked loads of every row of the tile,
-  the same workspace and finalisation.
+  the same slots and finalisation.
 - `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
   keeps it; split-K partials reduced in a fixed order by the last program of a column tile.
 
 The one-token kernels also take float8 weights (vLLM's fp8 quantization, W8A16: x stays 16-bit) with a
 per-tensor or per-output-channel scale, applied once to the fp32 sums by the program that finalises a tile.
 
-All keep per-device state (the workspace, the arrival counters) that each launch leaves as it found it, so
-launches must be ordered: one stream, as in decode. Importing this module needs Triton but not a GPU.
+All keep per-device state (the arrival counters, the compaction scratch) that each launch leaves as it found
+it, so launches must be ordered: one stream, as in decode. Importing this module needs Triton but not a GPU.
 """
 
 from collections.abc import Sequence
@@ -104,15 +105,23 @@ def _kept_positions(csum, ranks, CB: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, arrivals, HAS_BIAS: tl.constexpr,
-            SCALE: tl.constexpr):  # fmt: skip
-    """After this program's atomics into the workspace: the last of the `arrivals` programs of column tile
-    `pid_n` reads the sum, applies the weight scale (fp8 weights: after accumulation, so the loop multiplies
-    raw fp8 values; SCALE 0 none, 1 per tensor, 2 per output channel), adds the bias, writes y, and
-    re-zeroes its slice of the workspace and its counter for the next launch."""
-    tl.debug_barrier()  # every thread's atomics are issued before the release below
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == arrivals - 1:
-        total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+def _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, pid_n, offs_n, mask_n, N,
+            SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+    """Store this program's fp32 partial sums `acc` in its `slot` of `part [SLOTS, N]`; the last of the SLOTS
+    programs of column tile `pid_n` adds the slots in slot order (the same bits on every run: float atomics
+    add in arrival order, which changes from run to run, and so did greedy answers), applies the weight scale
+    (fp8 weights: after accumulation, so the loop multiplies raw fp8 values; SCALE 0 none, 1 per tensor, 2 per
+    output channel), adds the bias, writes y, and re-zeroes its arrival counter for the next launch."""
+    tl.store(part_ptr + slot * N + offs_n, acc, mask=mask_n)
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SLOTS - 1:
+        total = tl.zeros_like(acc)
+        if SLOTS <= 64:  # unrolled: the loads are in flight together
+            for s in tl.static_range(SLOTS):
+                total += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+        else:
+            for s in range(SLOTS):
+                total += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
         if SCALE == 1:
             total *= tl.load(scale_ptr)
         elif SCALE == 2:
@@ -120,16 +129,15 @@ def _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, 
         if HAS_BIAS:
             total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
         tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
 def _kept_rows_kernel(
-    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr,
     K, N, stride_w, end1, end2, end3,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,10 +162,8 @@ def _kept_rows_kernel(
         xv = tl.load(x_ptr + offs_k, mask=valid, other=0.0).to(tl.float32)
         w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, valid)
         acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-    if pid_s * BM < count:
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
-    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
-            HAS_BIAS, SCALE)  # fmt: skip
+    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, pid_k * SPLITS + pid_s, pid_n, offs_n, mask_n, N,
+            SLOTS, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -196,10 +202,10 @@ def _fp8_to_f16(w):
 
 @triton.jit
 def _compact_kernel(
-    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, xs_ptr,
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr, idx_ptr, xs_ptr,
     K, N, stride_w, end1, end2, end3,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
     MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """One token: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block (`_compact`)
@@ -241,10 +247,8 @@ def _compact_kernel(
             acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
     if MMA:
         acc = tl.sum(tl.where(token0, acc2, 0.0), axis=1)
-    if pid_s * BM < count:
-        tl.atomic_add(ws_ptr + offs_n, acc * unscale, mask=mask_n, sem="relaxed")
-    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1) * SPLITS,
-            HAS_BIAS, SCALE)  # fmt: skip
+    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc * unscale, pid_k * SPLITS + pid_s, pid_n, offs_n,
+            mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -300,7 +304,7 @@ def _gemv_kernel(
     bias_ptr,
     scale_ptr,
     y_ptr,
-    ws_ptr,
+    part_ptr,
     cnt_ptr,
     K,
     N,
@@ -312,6 +316,7 @@ def _gemv_kernel(
     SCALE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -321,8 +326,8 @@ def _gemv_kernel(
     offs_k = pid_k * BM + tl.arange(0, BM)
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, tl.abs(x) > thr)
-    tl.atomic_add(ws_ptr + offs_n, tl.sum(w.to(tl.float32) * x[:, None], axis=0), mask=mask_n, sem="relaxed")
-    _finish(ws_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, tl.num_programs(1), HAS_BIAS, SCALE)
+    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, tl.sum(w.to(tl.float32) * x[:, None], axis=0), pid_k,
+            pid_n, offs_n, mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -412,7 +417,6 @@ def _sparsify_segments_kernel(x_ptr, thr_ptr, out_ptr, numel, BLOCK: tl.constexp
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
-_workspaces: dict[torch.device, torch.Tensor] = {}
 _scratches: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _SCRATCH_K = 1 << 16  # inputs per segment the compaction scratch holds by default (Llama-3-405B: 53248)
 
@@ -423,18 +427,6 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
     if cnt is None:
         cnt = _counters[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
     return cnt
-
-
-def reserve_workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """The always-zero fp32 workspace of the GEMV on `device`, grown to `numel`.
-
-    Call it with the widest layer's size before CUDA-graph capture (the plugin does, at load time), so that
-    no capture allocates it.
-    """
-    ws = _workspaces.get(device)
-    if ws is None or ws.numel() < numel:
-        ws = _workspaces[device] = torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=device)
-    return ws
 
 
 def compaction_scratch(device: torch.device, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,31 +500,26 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
         )  # fmt: skip
         return
     if config.kind in ("rows", "compact", "compact_mma", "gemv") and T == 1:
-        ws = reserve_workspace(x.device, N)
+        blocks = triton.cdiv(K, config.bm * (1 if config.kind == "gemv" else config.groups))
+        splits = 1 if config.kind == "gemv" else min(config.splits, config.groups)
+        part = torch.empty((blocks * splits, N), dtype=torch.float32, device=x.device)  # every slot written
         # unused pointers take y: a kernel never reads them
-        common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, ws, cnt, K, N,
+        common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, part, cnt, K, N,
                   w.stride(0), *inner)  # fmt: skip
-        flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2)
+        flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2,
+                     BM=config.bm, BN=bn, SLOTS=blocks * splits, num_warps=config.num_warps)  # fmt: skip
         if config.kind in ("compact", "compact_mma"):
             idx, xs = compaction_scratch(x.device, K)
             mma = config.kind == "compact_mma" and x.dtype != torch.float32  # fp32: the FMA form
-            interpret = x.device.type == "cpu"
-            _compact_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), min(config.splits, config.groups))](
-                *common[:8], idx, xs, *common[8:], **flags, BM=config.bm, BN=bn, GROUPS=config.groups,
-                SPLITS=min(config.splits, config.groups), MMA=mma,
+            _compact_kernel[(n_tiles, blocks, splits)](
+                *common[:8], idx, xs, *common[8:], **flags, GROUPS=config.groups, SPLITS=splits, MMA=mma,
                 F16_RANGE=mma and w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16,
-                INTERPRET=interpret, STAGES=config.num_stages, num_warps=config.num_warps,
+                INTERPRET=x.device.type == "cpu", STAGES=config.num_stages,
             )  # fmt: skip
         elif config.kind == "rows":
-            splits = min(config.splits, config.groups)
-            _kept_rows_kernel[(n_tiles, triton.cdiv(K, config.bm * config.groups), splits)](
-                *common, **flags, BM=config.bm, BN=bn, GROUPS=config.groups, SPLITS=splits,
-                num_warps=config.num_warps,
-            )  # fmt: skip
+            _kept_rows_kernel[(n_tiles, blocks, splits)](*common, **flags, GROUPS=config.groups, SPLITS=splits)
         else:
-            _gemv_kernel[(n_tiles, triton.cdiv(K, config.bm))](
-                *common, **flags, BM=config.bm, BN=bn, num_warps=config.num_warps
-            )
+            _gemv_kernel[(n_tiles, blocks)](*common, **flags)
         return
     bt = max(16, triton.next_power_of_2(T))
     bm = max(config.bm, 16)

@@ -138,8 +138,8 @@ def test_presparsified_input_drops_exact_zeros(config, tokens):
 
 
 @interpreted
-def test_launches_leave_workspace_and_counters_zero():
-    """The kernels' per-device state must be back to zero after every launch, or the next one is wrong."""
+def test_launches_leave_counters_zero():
+    """The arrival counters must be back to zero after every launch, or the next one finishes early."""
     ends = SEGMENTS["qkv"]
     for config, tokens in (("rows", 1), ("rows-split", 1), ("compact-split", 1), ("compact_mma", 1), ("full_k", 1),
                            ("gemv", 1), ("dot-split", 3)):
@@ -147,7 +147,6 @@ def test_launches_leave_workspace_and_counters_zero():
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)
             assert _rel_err(y, sparse_linear_reference(x, w, thr, ends, b)) < TOL[torch.float32]
-            assert not ts.reserve_workspace(x.device, 1).any()
             assert not ts._arrival_counters(x.device).any()
 
 

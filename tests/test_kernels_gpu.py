@@ -223,3 +223,26 @@ def test_one_token_kernels_exact_on_repeated_launches(kernel):
             if bad:
                 wrong[shape, "fp8" if fp8 else "bf16"] = bad
     assert not wrong, f"launches differing from the reference (of 25): {wrong}"
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_one_token_kernels_give_the_same_bits_on_every_run(fp8):
+    """Random data, where the order of the fp32 additions shows in the last bit: 20 launches of every
+    one-token kernel and of the dispatch must agree bit for bit (float atomics, adding in arrival order,
+    made a prompt sent alone twice get different greedy answers)."""
+    from tests.test_kernels_fp8 import quantize
+    from vllm_spon.kernels import triton_sparse as ts
+
+    differing = {}
+    for shape in ("gate_up", "qkv", "down"):
+        k, ends = SHAPES[shape]
+        x, w, thr, b = _problem(1, k, ends, torch.bfloat16)
+        w, scale = quantize(w, per_channel=True) if fp8 else (w, None)
+        for name in [n for n, cfg in KERNELS.items() if cfg["kind"] != "dot"] + ([] if fp8 else ["dispatch"]):
+            config = ts.Config(**KERNELS[name]) if name in KERNELS else None
+            outs = [sparse_linear(x, w, thr, ends, b) if config is None else
+                    ts.launch(x, w, thr, ends, b, config, weight_scale=scale) for _ in range(21)]  # fmt: skip
+            bad = sum(not torch.equal(y, outs[0]) for y in outs[1:])
+            if bad:
+                differing[shape, name] = bad
+    assert not differing, f"launches differing from the first (of 20): {differing}"

@@ -86,7 +86,7 @@ class SponDenseLinearMethod(SponLinearMethod):
         # where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul) instead of a
         # separate pass over x, and the op then sees an already-sparse input.
         self.one_threshold = len(set(layer.spon_threshold.tolist())) == 1
-        kernels.prepare(layer.weight.device, self.segment_ends[-1])
+        kernels.prepare(layer.weight.device, layer.input_size_per_partition)
         if layer.weight.device.type == "cpu":  # build/load the C++ kernel now: a failure stops start-up
             cpu.load_extension()
 
@@ -171,7 +171,7 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
             return
         self.name = getattr(layer, "prefix", "") or f"layer{id(layer)}"
         _FP8_LAYERS[self.name] = (self, layer)
-        kernels.prepare(layer.weight.device, self.segment_ends[-1])
+        kernels.prepare(layer.weight.device, layer.input_size_per_partition)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
