@@ -109,7 +109,8 @@ def _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, pid_n, off
             SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
     """Store this program's fp32 partial sums `acc` in its `slot` of `part [SLOTS, N]`; the last of the SLOTS
     programs of column tile `pid_n` adds the slots in slot order (the same bits on every run: float atomics
-    add in arrival order, which changes from run to run, and so did greedy answers), applies the weight scale
+    add in arrival order, which changes from run to run, and a last-bit change can flip a threshold and a
+    greedy token), applies the weight scale
     (fp8 weights: after accumulation, so the loop multiplies raw fp8 values; SCALE 0 none, 1 per tensor, 2 per
     output channel), adds the bias, writes y, and re-zeroes its arrival counter for the next launch."""
     tl.store(part_ptr + slot * N + offs_n, acc, mask=mask_n)

@@ -229,7 +229,7 @@ def test_one_token_kernels_exact_on_repeated_launches(kernel):
 def test_one_token_kernels_give_the_same_bits_on_every_run(fp8):
     """Random data, where the order of the fp32 additions shows in the last bit: 20 launches of every
     one-token kernel and of the dispatch must agree bit for bit (float atomics, adding in arrival order,
-    made a prompt sent alone twice get different greedy answers)."""
+    did not: a prompt sent alone twice could get different greedy answers)."""
     from tests.test_kernels_fp8 import quantize
     from vllm_spon.kernels import triton_sparse as ts
 
