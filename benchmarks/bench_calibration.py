@@ -49,6 +49,17 @@ def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Te
     return out
 
 
+def biases_kept(checkpoint: Path) -> str:
+    """Which layers' SPON biases calibration's per-layer choice kept (`site_choice`): all, some, or none (a
+    plain TEAL checkpoint)."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.config.method == "teal":
+        return "none (TEAL)"
+    layers = {ckpt.family.layer_index(m) for m in ckpt.biases}
+    zeroed = sorted(layers - {ckpt.family.layer_index(m) for m, b in ckpt.biases.items() if b.any()})
+    return f"all {len(layers)} layers" if not zeroed else f"{len(layers) - len(zeroed)}/{len(layers)} layers"
+
+
 def plot(results: list[dict], output: Path) -> None:
     import matplotlib
 
@@ -73,13 +84,14 @@ def recovered(e: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = ["| target | calibrated for / served | eval text | dense | TEAL (sparsity) | SPON (sparsity) "
-             "| gap recovered | calib. s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| gap recovered | SPON biases kept | calib. s |", "|" + " --- |" * 9]
     for r in results:
         for name, e in r["eval"].items():
             lines.append(f"| {r['sparsity']:.2f} | {r['calibrated_for']} / {e['quantization']} | {name} | "
                          f"{e['dense']:.2f} | {e['teal']:.2f} "
                          f"({e['teal_sparsity']:.3f}) | {e['spon']:.2f} ({e['spon_sparsity']:.3f}) | "
-                         f"{recovered(e)} | {r['calibration_s']:.0f} |")
+                         f"{recovered(e)} | {r.get('biases_kept', 'all (before site choice)')} | "
+                         f"{r['calibration_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -120,6 +132,7 @@ def main() -> None:
                                       eval_data=None, overwrite=True, quantization=recipe, **extra))
             seconds = time.perf_counter() - t0
             results.append({"sparsity": s, "calibrated_for": recipe, "calibration_s": seconds,
+                             "biases_kept": biases_kept(checkpoint),
                              "eval": evaluate_pair(model_dir, checkpoint, windows, served)})
             row_file.write_text(json.dumps(results[-1], indent=2))
             print(markdown(results[-1:]), flush=True)

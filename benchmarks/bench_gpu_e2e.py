@@ -243,6 +243,10 @@ def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, 
         result[name] = {f"changed_at_batch_{b}": sum(a != g for a, g in zip(
             alone, _answers(llm, prompts, params, b), strict=True)) for b in (1, 8, num_prompts)}
         result[name]["changed_when_sent_alone_again"] = result[name].pop("changed_at_batch_1")
+        if name == "dense":
+            dense_alone = alone
+        else:  # sparsity in effect: SPON's answers are not the dense model's
+            result[name]["differ_from_dense_alone"] = sum(a != d for a, d in zip(alone, dense_alone, strict=True))
         print(f"batch-divergence {name}: answers that differ from the same prompt sent alone: {result[name]} "
               f"(of {num_prompts}, {new_tokens} greedy tokens each)", flush=True)
         del llm

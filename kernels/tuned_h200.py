@@ -1,7 +1,8 @@
 """Written by `benchmarks/bench_kernels.py --tune` on an NVIDIA H200 (bf16); None: cuBLAS is faster.
 
 One-token entries from run 8 (kernels/NOTES.md, "Run 8: the same bits on every run"; `--tune --tokens 1
---candidates-from` run 7's finalists, on the kernels with ordered partial sums instead of float atomics), the
+--candidates-from` run 7's finalists, on the kernels with ordered partial sums instead of float atomics; down
+from run 9, the full one-token sweep of that shape), the
 other buckets kept from run 4 (None: cuBLAS). TUNED_FP8 from fp8 run 4 (atomics era): no candidate reached
 0.97x of `torch._scaled_mm` at s = 0, so every fp8 layer keeps vLLM's fp8 matmul."""
 
@@ -30,7 +31,7 @@ TUNED: dict[tuple[int, int, int], Config | None] = {
     (4096, 28672, 4): None,
     (4096, 28672, 8): None,
     (4096, 28672, 16): None,
-    (14336, 4096, 1): Config(kind='compact', bn=1024, bm=8, split_k=1, num_warps=4, num_stages=4, groups=64, splits=1),
+    (14336, 4096, 1): Config(kind='compact', bn=512, bm=16, split_k=1, num_warps=2, num_stages=3, groups=32, splits=1),
     (14336, 4096, 2): None,
     (14336, 4096, 4): None,
     (14336, 4096, 8): None,
