@@ -3,12 +3,15 @@
 `sparse_linear` is what the vLLM plugin calls. It picks, from the number of tokens alone (so one CUDA graph
 per batch size always takes one branch), between the Triton kernels that read only the weight rows whose
 input survives (decode) and a dense matmul on the thresholded input (prefill, and batches where reading the
-union of the rows costs as much as reading them all). On the CPU, every token count takes one C++ kernel
-(`cpu.py`) that reads only the kept rows and gives a token the same bits alone or in any batch. Importing this
-package needs neither a GPU nor Triton, and does not initialise CUDA.
+union of the rows costs as much as reading them all); a launch gives the same bits on every run, but the two
+paths round differently, so on the GPU a token's result depends on its batch unless vLLM's batch-invariant
+mode is on (`vllm_batch_invariant`: then every token count takes the dense path). On the CPU, every token
+count takes one C++ kernel (`cpu.py`) that reads only the kept rows and gives a token the same bits alone or
+in any batch. Importing this package needs neither a GPU nor Triton, and does not initialise CUDA.
 """
 
 import importlib.util
+import os
 from collections.abc import Callable, Sequence
 from functools import cache
 
@@ -17,7 +20,8 @@ import torch
 from . import cpu
 from .reference import sparse_linear_reference, sparsify
 
-__all__ = ["HAS_TRITON", "has_triton_cuda", "prepare", "sparse_linear", "sparse_linear_reference", "sparsify"]
+__all__ = ["HAS_TRITON", "has_triton_cuda", "prepare", "sparse_linear", "sparse_linear_reference", "sparsify",
+           "vllm_batch_invariant"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -26,6 +30,16 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 def has_triton_cuda() -> bool:
     """Whether CUDA tensors take the Triton kernels (Triton importable, CUDA build of torch, a GPU present)."""
     return HAS_TRITON and torch.version.cuda is not None and torch.cuda.is_available()
+
+
+@cache
+def vllm_batch_invariant() -> bool:
+    """Whether vLLM's batch-invariant mode is on (`VLLM_BATCH_INVARIANT=1`, read once). It replaces torch's
+    matmuls by ones whose result for a row does not depend on the batch; then every token count takes the
+    dense path on the thresholded input, so that decode and prefill alike give a token the same bits (a
+    sparse kernel rounds differently from those matmuls, and a last-bit change at a threshold changes an
+    answer). Read from the environment, as vLLM reads it, so that this package needs no vLLM."""
+    return bool(int(os.environ.get("VLLM_BATCH_INVARIANT", "0") or "0"))
 
 
 def prepare(device: torch.device, in_features: int) -> None:

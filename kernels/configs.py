@@ -15,12 +15,12 @@ dispatch keeps the dense path (under vLLM, its own fp8 matmul).
 import dataclasses
 import importlib
 import math
-import os
 import re
 from functools import cache
 
 import torch
 
+from . import vllm_batch_invariant
 from .triton_sparse import Config
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # a token count takes the next bucket up; more tokens: dense (prefill)
@@ -69,16 +69,6 @@ def select(
     if config is not None and dtype == torch.float32:  # twice the bytes per element: same bytes per row
         config = dataclasses.replace(config, bn=max(16, config.bn // 2))
     return config
-
-
-@cache
-def vllm_batch_invariant() -> bool:
-    """Whether vLLM's batch-invariant mode is on (`VLLM_BATCH_INVARIANT=1`, read once). It replaces torch's
-    matmuls by ones whose result for a row does not depend on the batch; then every token count takes the
-    dense path on the thresholded input, so that decode and prefill alike give a token the same bits (the
-    sparse kernels are invariant only among decode sizes). Read from the environment, as vLLM reads it, so
-    that this package needs no vLLM."""
-    return bool(int(os.environ.get("VLLM_BATCH_INVARIANT", "0") or "0"))
 
 
 def _nearest(table: dict, shapes: list[tuple[int, int]], k: int, n: int, bucket: int) -> Config | None:

@@ -200,17 +200,18 @@ def test_config_selection():
 def test_vllm_batch_invariant_mode_sends_every_token_count_to_the_dense_path(monkeypatch):
     """Under VLLM_BATCH_INVARIANT=1 vLLM's matmuls give a row the same bits in any batch; a sparse kernel at
     decode sizes would round differently from them, so no token count may take one."""
+    from vllm_spon import kernels
     from vllm_spon.kernels import configs
 
     assert configs.select(4096, 14336, 1, torch.bfloat16) is not None  # the table's one-token kernel
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
-    configs.vllm_batch_invariant.cache_clear()
+    kernels.vllm_batch_invariant.cache_clear()
     try:
         assert all(configs.select(4096, 14336, t, torch.bfloat16) is None for t in (1, 2, 16, 512))
         assert configs.select(14336, 4096, 1, torch.bfloat16, fp8=True) is None
     finally:
         monkeypatch.undo()
-        configs.vllm_batch_invariant.cache_clear()
+        kernels.vllm_batch_invariant.cache_clear()
     assert configs.select(4096, 14336, 1, torch.bfloat16) is not None
 
 

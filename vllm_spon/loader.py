@@ -28,6 +28,7 @@ from vllm.platforms import current_platform
 
 from vllm_spon.format.checkpoint import CONFIG_FILE, TENSORS_FILE, SponCheckpoint, load_checkpoint, spon_dir
 from vllm_spon.format.errors import CheckpointError
+from vllm_spon.kernels import vllm_batch_invariant
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM, SponLinearMethod, install_spon_method
 from vllm_spon.sites import SponSite, check_fits, find_sites, on_other_ranks, site_has_bias, spon_tensors
 
@@ -147,10 +148,13 @@ def _summary(model_dir: str, checkpoint: SponCheckpoint, sites: list[SponSite], 
         f"{type(m).__name__}({type(m.inner).__name__})" for m in (site.layer.quant_method for site in sites)
     )
     thresholds = [t for site in sites for t in site.layer.spon_threshold.tolist()]
+    invariant = vllm_batch_invariant() and current_platform.is_cuda()
     return (
         f"SPON: {model_dir} ({checkpoint.config.layout}, base weights: {base.load_format}): "
         f"{checkpoint.summary()}. Installed on {len(sites)} vLLM linears "
         f"({', '.join(f'{k} x{n}' for k, n in kinds.items())}) via "
         f"{', '.join(f'{k} x{n}' for k, n in methods.items())}; "
         f"{sum(t > 0 for t in thresholds)}/{len(thresholds)} segments thresholded on this rank"
+        + ("; VLLM_BATCH_INVARIANT=1: every batch size takes the dense matmul on the thresholded input (the same "
+           "answer at any batch, no sparse-kernel speed-up)" if invariant else "")
     )
