@@ -110,9 +110,9 @@ def _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, pid_n, off
     """Store this program's fp32 partial sums `acc` in its `slot` of `part [SLOTS, N]`; the last of the SLOTS
     programs of column tile `pid_n` adds the slots in slot order (the same bits on every run: float atomics
     add in arrival order, which changes from run to run, and a last-bit change can flip a threshold and a
-    greedy token), applies the weight scale
-    (fp8 weights: after accumulation, so the loop multiplies raw fp8 values; SCALE 0 none, 1 per tensor, 2 per
-    output channel), adds the bias, writes y, and re-zeroes its arrival counter for the next launch."""
+    greedy token), applies the weight scale (fp8 weights: after accumulation, so the loop multiplies raw fp8
+    values; SCALE 0 none, 1 per tensor, 2 per output channel), adds the bias, writes y, and re-zeroes its
+    arrival counter for the next launch."""
     tl.store(part_ptr + slot * N + offs_n, acc, mask=mask_n)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SLOTS - 1:
