@@ -47,7 +47,7 @@ class Config:
     kind "rows" (one token): `splits` programs per (column tile of bn, block of bm * groups inputs), each
     looping over every splits-th group of bm kept rows of its block (one group when splits == groups)
     (`_kept_rows_kernel`).
-    kind "gemv" (one token): one [bm, bn] tile of W^T per program, fp32 atomics (`_gemv_kernel`).
+    kind "gemv" (one token): one [bm, bn] tile of W^T per program, a partial-sum slot each (`_gemv_kernel`).
     kind "dot" (any token count): tokens padded to 16 on tensor cores, `split_k` programs along the input
     dimension, each looping over its share in bm-row steps (`_sparse_matmul_kernel`).
 
@@ -259,7 +259,7 @@ def _full_k_kernel(
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """One token, one program per column tile over all of K: no partial sums, so no atomics, no arrival
+    """One token, one program per column tile over all of K: no partial sums, so no slots, no arrival
     counter and no finishing program. The program compacts all of x (CB at a time, ranks running on) into
     its segment's scratch region, then sums the kept rows BM at a time into a [BM, BN] accumulator
     (each thread keeps its own rows; one reduction at the end), the loop pipelined STAGES deep."""
