@@ -4,6 +4,7 @@
     sparse_model   the reference TEAL/SPON model every other step (and the tests) runs
     thresholds     per-module sparsity allocation and threshold statistics
     spon_training  SPON vectors by KL distillation against the dense model, fused into biases
+    site_choice    per-layer choice between SPON and plain TEAL on held-out calibration windows
     evaluate       dense / TEAL / SPON perplexity at matched sparsity (`compare_methods`), `vllm-spon eval`
     pipeline       `vllm-spon calibrate`: the steps above in order, then the checkpoint
     handmade       checkpoints with given thresholds and biases (tests, synthetic benchmarks)

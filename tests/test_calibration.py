@@ -81,3 +81,56 @@ def test_nan_loss_stops_training_and_writes_nothing(tiny_llama_dir, tmp_path):
     windows = torch.randint(0, 128, (4, 32))
     with pytest.raises(TrainingError, match="loss became nan at step 0"):
         train_spon(model, windows, TrainConfig(steps=3))
+
+
+def test_site_choice_drops_the_layers_whose_biases_hurt(tiny_llama_dir):
+    """Biases that hurt (large, on layer 1) are zeroed; harmless ones (layer 0) are kept as they are."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_spon.calibration.site_choice import choose_sites
+    from vllm_spon.calibration.sparse_model import SparseModel
+
+    model = SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    thresholds = dict.fromkeys(model.linears, 0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.fused_biases = {name: (torch.zeros(linear.out_features) if model.family.layer_index(name) == 0 else
+                                 5 * torch.randn(linear.out_features, generator=generator))
+                          for name, linear in model.linears.items()}
+    kept = {n: b for n, b in model.fused_biases.items() if model.family.layer_index(n) == 0}
+    choice = choose_sites(model, torch.randint(0, 128, (4, 32), generator=generator), thresholds, thresholds)
+    assert choice.dropped_layers == (1,) and choice.keeps_any
+    assert choice.chosen < choice.spon and choice.chosen == pytest.approx(choice.teal)
+    for name, bias in model.fused_biases.items():
+        assert torch.equal(bias, kept[name]) if name in kept else not bias.any(), name
+
+
+def test_spon_worse_than_teal_on_the_check_writes_plain_teal(tiny_model, tmp_path, monkeypatch):
+    """Training that only hurts (stubbed: large vectors) yields a valid TEAL checkpoint with TEAL's own
+    thresholds and no biases, never a SPON one worse than TEAL; training never saw the check windows."""
+    from vllm_spon.calibration import pipeline
+    from vllm_spon.calibration.data import DEFAULT_CALIBRATION_DATA, load_text, token_windows
+    from vllm_spon.calibration.sparse_model import load_tokenizer
+
+    data = tmp_path / "text.txt"
+    data.write_text(load_text(DEFAULT_CALIBRATION_DATA)[:4000])
+    seen = {}
+
+    def harmful_training(model, windows, config, log):
+        seen["windows"] = windows
+        for vector in model.init_vectors(config.bias_space):
+            vector.data.fill_(3.0)
+        return []
+
+    monkeypatch.setattr(pipeline, "train_spon", harmful_training)
+    output = pipeline.calibrate(pipeline.CalibrationArgs(
+        model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, data=str(data), num_tokens=256, window=32,
+        steps=2, eval_data=str(data), eval_windows=1, eval_window=32, check_windows=4))
+    every = token_windows(load_tokenizer(tiny_model), load_text(str(data)), 32, None)
+    assert seen["windows"].equal(every[:-4])
+    ckpt = load_checkpoint(output)
+    config = ckpt.config
+    assert config.method == "teal" and config.bias_space is None and not ckpt.biases
+    assert config.thresholds == config.teal_thresholds and config.calibration.steps == 2
+    assert config.perplexity.spon == config.perplexity.teal
+    assert config.perplexity.spon_sparsity == config.perplexity.teal_sparsity
