@@ -128,11 +128,12 @@ class FamilyCase:
 
 def build_case(name: str, root: Path, tokenizer_from: Path) -> FamilyCase:
     """Make, calibrate (a few seconds: 256 tokens, 32-token windows, 4 steps) and condition one family.
-    No held-out check: a random model's perplexity on English text (~1e5) says nothing about SPON."""
+    No held-out check and no per-layer choice: a random model's perplexity on English text (~1e5) says nothing
+    about SPON."""
     model_dir = write_model(SPECS[name], root / "model", tokenizer_from)
     calibrated = calibrate(CalibrationArgs(
         model=model_dir, output=root / "calibrated", sparsity=0.5, layout="overlay", num_tokens=256, window=32,
-        steps=4, lr=1e-3, eval_data=None, train_precision="fp32", device="cpu",
+        steps=4, lr=1e-3, eval_data=None, check_windows=0, train_precision="fp32", device="cpu",
     ))
     checkpoint = load_checkpoint(calibrated)
     model = load_hf_model(model_dir)
