@@ -213,6 +213,11 @@ def _answers(llm, prompts: list[list[int]], params, group: int) -> list[list[int
     return got
 
 
+def _differing(answers: list[list[int]], others: list[list[int]]) -> int:
+    """How many of two equally long lists of answers differ."""
+    return sum(a != b for a, b in zip(answers, others, strict=True))
+
+
 def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, new_tokens: int = 32) -> dict:
     """How many greedy answers change with the batch they are served in, dense against SPON, in bf16 with
     compile and CUDA graphs (what a user runs): `num_prompts` random prompts sent one at a time, a second time
@@ -240,13 +245,13 @@ def batch_divergence(out: Path, dtype: str = "bfloat16", num_prompts: int = 64, 
                   gpu_memory_utilization=0.3, seed=0, **attention)
 
         alone = _answers(llm, prompts, params, 1)
-        result[name] = {f"changed_at_batch_{b}": sum(a != g for a, g in zip(
-            alone, _answers(llm, prompts, params, b), strict=True)) for b in (1, 8, num_prompts)}
-        result[name]["changed_when_sent_alone_again"] = result[name].pop("changed_at_batch_1")
+        result[name] = {"changed_when_sent_alone_again": _differing(alone, _answers(llm, prompts, params, 1)),
+                        **{f"changed_at_batch_{b}": _differing(alone, _answers(llm, prompts, params, b))
+                           for b in (8, num_prompts)}}
         if name == "dense":
             dense_alone = alone
         else:  # sparsity in effect: SPON's answers are not the dense model's
-            result[name]["differ_from_dense_alone"] = sum(a != d for a, d in zip(alone, dense_alone, strict=True))
+            result[name]["differ_from_dense_alone"] = _differing(alone, dense_alone)
         print(f"batch-divergence {name}: answers that differ from the same prompt sent alone: {result[name]} "
               f"(of {num_prompts}, {new_tokens} greedy tokens each)", flush=True)
         del llm
