@@ -26,9 +26,11 @@ activation quantization is fused into the op producing x), and "q+mm", a one-ker
 activation quantization (amax and cast in one program, what Inductor makes of vLLM's QuantFP8) followed by
 `_scaled_mm`; bf16 cuBLAS alongside; with vLLM importable also vLLM's own `scaled_fp8_quant` and
 `cutlass_scaled_mm`. Every row prints the ratio to both. --tune sweeps `fp8_candidates` (all at s=0.5, the
-FINALISTS best at s=0 and 0.75) and writes the TUNED_FP8 entries the MARGIN / FP8_FLOOR rules pick against
-"mm" (the stricter baseline) into DIR/tuned_fp8.txt; without --tune the committed TUNED_FP8 is measured
-through `sparse_linear_fp8`. Both end with the table at TABLE_FP8_SPARSITIES.
+FINALISTS best at s=0 and 0.75) and writes the TUNED_FP8 entries the MARGIN rule picks (bf16's one-token
+rule) against "mm" (the stricter baseline) into DIR/tuned_<gpu>.py beside the committed TUNED; without
+--tune the committed TUNED_FP8 is measured through `sparse_linear_fp8`. Both end with the table at TABLE_FP8_SPARSITIES.
+A written table serves vLLM before it is committed with `VLLM_SPON_KERNEL_TABLE=DIR/tuned_<gpu>.py`, and a
+bf16 --tune under that variable keeps its TUNED_FP8.
 """
 
 import argparse
@@ -73,7 +75,6 @@ DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 FP8_SHAPES = ("gate_up 4096->14336", "down 14336->4096", "qkv 4096->6144", "o 4096->4096",
               "gate_up fused 4096->2x14336")  # fmt: skip
-FP8_FLOOR = 0.97  # a chosen fp8 config must reach this ratio to _scaled_mm at sparsity 0
 TABLE_FP8_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 1.0)  # 1.0: every input dropped, the kernel's fixed cost
 
 
@@ -208,7 +209,7 @@ def finalists_of(path: Path, tokens: int = 1) -> list[ts.Config]:
     found: dict[str, ts.Config] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["tokens"] == tokens:
+        if rec.get("tokens", 1) == tokens:  # fp8 logs are one-token only
             for *_, config in rec["finalists"]:
                 found.setdefault(config, eval(config, {"Config": ts.Config}))  # our own log
     return list(found.values())
@@ -232,7 +233,10 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
 
 
 def fp8_candidates(k: int, n: int) -> list[ts.Config]:
-    """The fp8 sweep (one byte a weight): the compacting kernels, and run 1's best GEMV and kept-rows."""
+    """The fp8 sweep (one byte a weight): the compacting kernels, and run 1's best GEMV and kept-rows; with
+    `--candidates-from`, that log's finalists."""
+    if FINALISTS_OF is not None:
+        return FINALISTS_OF
     return [*_compact_candidates(k, n, 1), *_full_k_candidates(k, n, 1), ts.Config("gemv", 2048, 32, num_warps=4),
             ts.Config("rows", 2048, 16, num_warps=4, groups=16, splits=4)]  # fmt: skip
 
@@ -333,7 +337,7 @@ def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = N
         "",
         "# ruff: noqa: E501",
         "",
-        "from .triton_sparse import Config",
+        "from vllm_spon.kernels.triton_sparse import Config",
         "",
         "TUNED: dict[tuple[int, int, int], Config | None] = {",
     ]
@@ -345,11 +349,6 @@ def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = N
         lines += [f"    {key}: {value!r}," for key, value in sorted(fp8_table.items())]
         lines.append("}")
     path.write_text("\n".join([*lines, ""]))
-
-
-def read_fp8_table(path: Path) -> dict:
-    """The TUNED_FP8 entries a `--fp8 --tune` run wrote (DIR/tuned_fp8.txt)."""
-    return eval("{" + path.read_text() + "}", {"Config": ts.Config})  # our own file, written above
 
 
 def measure(cases: dict[str, Case], log) -> list[dict]:
@@ -490,9 +489,10 @@ class Fp8Case:
 
 def tune_fp8(fcases: dict[str, Fp8Case], log) -> tuple[dict, dict]:
     """Per shape: every fp8 candidate at s = 0.5, the FINALISTS best at s = 0 and 0.75; the TUNED_FP8 entry
-    is the best geometric mean over TUNE_SPARSITIES if it beats "mm" (`_scaled_mm` alone) by MARGIN and
-    reaches FP8_FLOOR of it at s = 0, else None (vLLM's fp8 matmul). Returns (table, the best geometric
-    mean whether chosen or not)."""
+    is the best geometric mean over TUNE_SPARSITIES if it beats "mm" (`_scaled_mm` alone) by MARGIN, else
+    None (vLLM's fp8 matmul): the bf16 rule for one token, with no floor at s = 0 (a checkpoint's thresholds
+    are fitted to its target sparsity, where the kernel is timed). Returns (table, the best geometric mean
+    whether chosen or not)."""
     table, best = {}, {}
     for name, fc in fcases.items():
         base = fc.baselines["mm"]
@@ -513,8 +513,7 @@ def tune_fp8(fcases: dict[str, Fp8Case], log) -> tuple[dict, dict]:
             times = [us] + [fc.time(fn, s) for s in TUNE_SPARSITIES[1:]]
             finalists.append((math.exp(sum(map(math.log, times)) / len(times)), times, config))
         finalists.sort(key=lambda f: f[0])
-        s0 = TUNE_SPARSITIES.index(0.0)
-        fit = [f for f in finalists if f[0] < MARGIN * base and base / f[1][s0] >= FP8_FLOOR]
+        fit = [f for f in finalists if f[0] < MARGIN * base]
         choice = fit[0][2] if fit else None
         table[(fc.case.k, fc.case.n, 1)] = choice
         best[(fc.case.k, fc.case.n, 1)] = finalists[0][2] if finalists else None
@@ -607,8 +606,6 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), choices=list(TOKENS),
                         help="token buckets --tune sweeps (the others keep the committed table's entries)")
     parser.add_argument("--no-table", action="store_true", help="--tune only, no table afterwards")
-    parser.add_argument("--fp8-table", type=Path, help="a --fp8 --tune run's tuned_fp8.txt: --tune writes it as "
-                        "TUNED_FP8 beside TUNED (else the committed TUNED_FP8)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--candidates-from", type=Path, help="a previous --tune's tune.jsonl: its one-token "
                         "finalists are the one-token sweep")  # fmt: skip
@@ -635,7 +632,8 @@ def main() -> None:
             precompile({n: fc.case for n, fc in fcases.items()}, args.procs, (1,), fp8=True)
             with open(args.out / "fp8_tune.jsonl", "w") as log:
                 table, best = tune_fp8(fcases, log)
-            (args.out / "tuned_fp8.txt").write_text("".join(f"    {k}: {v!r},\n" for k, v in sorted(table.items())))
+            write_table(configs.table_for(props.name), args.out / f"tuned_{configs.gpu_slug(props.name)}.py",
+                        props.name, table)  # fmt: skip
         with open(args.out / "fp8.jsonl", "w") as log:
             rows = measure_fp8(fcases, table, log, best)
         (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows},
@@ -652,8 +650,8 @@ def main() -> None:
             table = tune(cases, log, tokens)
         committed = configs.table_for(props.name)
         table = {**committed, **table}
-        fp8_table = read_fp8_table(args.fp8_table) if args.fp8_table else configs.table_for(props.name, fp8=True)
-        write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name, dict(fp8_table))
+        write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name,
+                    dict(configs.table_for(props.name, fp8=True)))  # fmt: skip
         dump_kernels(args.out / "tune_kernels.json")
         committed.clear()
         committed.update(table)

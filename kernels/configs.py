@@ -10,13 +10,18 @@ run the tuning on such a GPU for a table of its own). Unseen shapes borrow the n
 (log distance), with split_k rescaled to keep about as many programs in flight.
 Float8 weights have a table of their own (`TUNED_FP8`); with no measured fp8 entry for a token bucket,
 dispatch keeps the dense path (under vLLM, its own fp8 matmul).
+`VLLM_SPON_KERNEL_TABLE=PATH` replaces the packaged tables with a `tuned_<gpu>.py` a tuning run wrote (a GPU
+of another model, or a re-tune to try before it is committed).
 """
 
 import dataclasses
 import importlib
 import math
+import os
 import re
+import runpy
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -25,6 +30,7 @@ from .triton_sparse import Config
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # a token count takes the next bucket up; more tokens: dense (prefill)
 DEFAULT_GPU = "h200"
+TABLE_ENV = "VLLM_SPON_KERNEL_TABLE"
 
 
 def gpu_slug(device_name: str) -> str:
@@ -35,12 +41,30 @@ def gpu_slug(device_name: str) -> str:
 @cache
 def table_for(device_name: str, fp8: bool = False) -> dict[tuple[int, int, int], Config | None]:
     """The tuned table of a GPU model, or DEFAULT_GPU's when it has none. fp8: the table for float8 weights
-    (`TUNED_FP8`, from `bench_kernels.py --fp8`), empty where none was measured."""
+    (`TUNED_FP8`, from `bench_kernels.py --fp8`), empty where none was measured. `$VLLM_SPON_KERNEL_TABLE`,
+    where set, is read instead, whatever the GPU."""
+    override = os.environ.get(TABLE_ENV)
+    if override:
+        tables = _table_file(Path(override))
+    else:
+        try:
+            tables = vars(importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__))
+        except ModuleNotFoundError:
+            tables = vars(importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__))
+    return tables.get("TUNED_FP8", {}) if fp8 else tables["TUNED"]
+
+
+def _table_file(path: Path) -> dict:
+    """The names a `tuned_<gpu>.py` outside the package defines; a file that is not one is refused in a line."""
+    fix = f"unset {TABLE_ENV} or point it at a tuned_<gpu>.py written by benchmarks/bench_kernels.py --tune"
     try:
-        module = importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__)
-    except ModuleNotFoundError:
-        module = importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__)
-    return getattr(module, "TUNED_FP8", {}) if fp8 else module.TUNED
+        tables = runpy.run_path(str(path))
+    except Exception as e:  # any failure to read or run it: the file is not a table
+        raise RuntimeError(f"{TABLE_ENV}={path}: cannot be read as a kernel table ({type(e).__name__}: {e}); "
+                           f"{fix}") from None  # fmt: skip
+    if not isinstance(tables.get("TUNED"), dict):
+        raise RuntimeError(f"{TABLE_ENV}={path}: defines no TUNED table; {fix}")
+    return tables
 
 
 @cache

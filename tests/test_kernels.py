@@ -2,14 +2,18 @@
 interpreter (small shapes), the dispatch and config table. tests/test_kernels_cpu.py tests the CPU path;
 tests/test_kernels_gpu.py runs the same kernels compiled, at Llama shapes, on a GPU."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.interpreter import INTERPRETER, interpreted, rerun_in_interpreter
 from vllm_spon.kernels import sparse_linear_reference, sparsify
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if INTERPRETER:
     pytest.importorskip("triton")
@@ -194,6 +198,41 @@ def test_config_selection():
         x, w, thr, b = _problem(1, 576, [1536], torch.float32)  # a borrowed config runs correctly
         y = _launch(x, w, thr, [1536], b, fp32)
         assert _rel_err(y, sparse_linear_reference(x, w, thr, [1536], b)) < TOL[torch.float32]
+
+
+@interpreted
+def test_a_table_written_by_the_tuning_script_replaces_the_packaged_one(tmp_path, monkeypatch):
+    """`VLLM_SPON_KERNEL_TABLE` serves what `bench_kernels.py --tune` wrote, bf16 and fp8, on any GPU name;
+    a file that is not such a table is refused naming the variable and the path."""
+    import importlib.util
+
+    from vllm_spon.kernels import configs
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = ts.Config("rows", bn=256, bm=16, num_warps=2, groups=8)
+    gemv = ts.Config("gemv", bn=1024, bm=32, num_warps=4)
+    path = tmp_path / "tuned_b200.py"
+    bench.write_table({(4096, 14336, 1): rows, (4096, 14336, 2): None}, path, "NVIDIA B200", {(4096, 14336, 1): gemv})
+    monkeypatch.setenv(configs.TABLE_ENV, str(path))
+    configs.table_for.cache_clear()
+    try:
+        assert configs.table_for("NVIDIA H200") == {(4096, 14336, 1): rows, (4096, 14336, 2): None}
+        assert configs.select(4096, 14336, 1, torch.bfloat16) == rows
+        assert configs.select(4096, 14336, 2, torch.bfloat16) is None
+        assert configs.select(4096, 14336, 1, torch.bfloat16, fp8=True) == gemv
+        no_table = tmp_path / "no_table.py"
+        no_table.write_text("TUNED_FP8 = {}\n")
+        for bad, why in ((tmp_path / "missing.py", "cannot be read"), (no_table, "defines no TUNED")):
+            monkeypatch.setenv(configs.TABLE_ENV, str(bad))
+            configs.table_for.cache_clear()
+            with pytest.raises(RuntimeError, match=re.escape(f"{configs.TABLE_ENV}={bad}: ") + why):
+                configs.select(4096, 14336, 1, torch.bfloat16)
+    finally:
+        monkeypatch.undo()
+        configs.table_for.cache_clear()
+    assert configs.select(4096, 14336, 1, torch.bfloat16) == configs.table_for("NVIDIA H200")[(4096, 14336, 1)]
 
 
 @interpreted
