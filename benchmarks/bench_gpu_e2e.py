@@ -10,6 +10,7 @@ engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its o
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --quantization fp8 --json /tmp/e2e/fp8.json
     python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
     python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small [--tp 2]   # greedy tokens vs reference
+    python benchmarks/bench_gpu_e2e.py check-fp8 --out /tmp/e2e-fp8 --json OUT.json  # the same under fp8
     python benchmarks/bench_gpu_e2e.py batch-divergence --out /tmp/e2e-div --json OUT.json  # answers vs batch
 
 On the offline GPU host (no pip): `eval "$(bash scripts/gpu_host_env.sh)"` after the gpu-kit install makes
@@ -34,6 +35,9 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 BATCHES = (1, 2, 4, 8, 64)
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 2048
+SMALL_LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)  # fmt: skip
+FP8_AGREEMENT_SLACK = 0.1  # check-fp8: SPON's agreement with its reference may trail dense's by this much
 
 
 def write_tokenizer(out: Path) -> None:
@@ -160,14 +164,9 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     """
     from vllm import LLM, SamplingParams
 
-    from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
-    from vllm_spon.format.checkpoint import load_checkpoint
-
-    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
     if not (out / "spon50").exists():
-        make_models(out, shape, [0.5], torch.float32, seed=1)
-    prompts = [torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+        make_models(out, SMALL_LLAMA, [0.5], torch.float32, seed=1)
+    prompts = _check_prompts()
     llm = LLM(str(out / "spon50"), load_format="spon", dtype="float32", max_model_len=512,
               gpu_memory_utilization=0.3, tensor_parallel_size=tensor_parallel_size,
               attention_backend="FLEX_ATTENTION")
@@ -175,26 +174,16 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     got = _answers(llm, prompts, params, len(prompts))  # decode at batch 3: the multi-token path
     alone = _answers(llm, prompts, params, 1)  # decode at batch 1: the one-token sparse kernel
     del llm
-    model = load_hf_model(out / "spon50", device="cuda")
-    sparse = SparseModel(model)
-    sparse.apply_checkpoint(load_checkpoint(out / "spon50"))
+    sparse = _reference(out / "spon50")
     equal = differs_from_dense = 0
-    with torch.no_grad():
-        for prompt, tokens in zip(prompts, got, strict=True):
-            ids = torch.tensor([prompt], device="cuda")
-            kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            with sparse.use("spon"):
-                want = model.generate(ids, **kwargs)[0, len(prompt):].tolist()
-                logits = sparse.logits(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1 : -1]
-            with sparse.use("dense"):
-                dense = model.generate(ids, **kwargs)[0, len(prompt):].tolist()
-            chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
-            gap = float((logits.max(1).values - chosen).max())
-            equal += tokens == want
-            differs_from_dense += tokens != dense
-            print(f"vllm      {tokens}\nreference {want}\ndense     {dense}\n(teacher-forced: largest gap of a "
-                  f"vLLM token to the reference argmax {gap:.2e}, logit spread {float(logits.std(1).mean()):.2e})",
-                  flush=True)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        want = _reference_greedy(sparse, "spon", prompt, new_tokens)
+        dense = _reference_greedy(sparse, "dense", prompt, new_tokens)
+        _, gap, spread = _teacher_forced(sparse, "spon", prompt, tokens)
+        equal += tokens == want
+        differs_from_dense += tokens != dense
+        print(f"vllm      {tokens}\nreference {want}\ndense     {dense}\n(teacher-forced: largest gap of a "
+              f"vLLM token to the reference argmax {gap:.2e}, logit spread {spread:.2e})", flush=True)
     alone_equal = sum(a == g for a, g in zip(alone, got, strict=True))
     print(f"check-tokens (tp={tensor_parallel_size}): {equal}/{len(prompts)} greedy sequences equal the reference, "
           f"{differs_from_dense}/{len(prompts)} differ from the dense model's, {alone_equal}/{len(prompts)} sent "
@@ -202,6 +191,75 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
     assert equal == len(prompts), "vLLM's greedy tokens differ from the reference sparse model's"
     assert alone_equal == len(prompts), "vLLM's tokens at batch 1 (the sparse kernel) differ from the reference's"
     assert differs_from_dense == len(prompts), "the SPON outputs equal the dense model's: sparsity not in effect?"
+
+
+def check_fp8(out: Path, new_tokens: int = 24) -> dict:
+    """vLLM `quantization="fp8"` (bf16 activations, compile + CUDA graphs) against the reference with the
+    weights rounded as vLLM rounds them, SPON and dense alike, each prompt sent alone (decode through the sparse
+    fp8 kernel where the fp8 table has one).
+
+    Exact equality is not expected: vLLM's fp8 prefill (and its dense decode) also quantizes activations to
+    fp8, which neither the reference nor the sparse kernel does, and it computes in bf16. So the tolerance is
+    the dense engine's own agreement with its reference: SPON's teacher-forced agreement (vLLM's token is the
+    reference's argmax) may fall short of dense's by at most FP8_AGREEMENT_SLACK.
+    """
+    from vllm import LLM, SamplingParams
+
+    if not (out / "spon50").exists():
+        make_models(out, SMALL_LLAMA, [0.5], torch.bfloat16, seed=1)
+    prompts = _check_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    answers = {}
+    for method, model, load_format in (("dense", out / "base", "auto"), ("spon", out / "spon50", "spon")):
+        llm = LLM(str(model), load_format=load_format, dtype="bfloat16", quantization="fp8", max_model_len=512,
+                  gpu_memory_utilization=0.3)  # fmt: skip
+        answers[method] = _answers(llm, prompts, params, 1)
+        del llm
+    sparse = _reference(out / "spon50", quantization="fp8")
+    result: dict = {"prompts": len(prompts), "new_tokens": new_tokens}
+    for method, got in answers.items():
+        agree = [_teacher_forced(sparse, method, p, t)[0] for p, t in zip(prompts, got, strict=True)]
+        greedy = sum(t == _reference_greedy(sparse, method, p, new_tokens) for p, t in zip(prompts, got, strict=True))
+        result[method] = {"teacher_forced_agreement": sum(agree) / len(agree), "greedy_sequences_equal": greedy}
+    result["spon_differs_from_dense"] = sum(a != b for a, b in zip(answers["spon"], answers["dense"], strict=True))
+    print(f"check-fp8: {result}", flush=True)
+    assert result["spon_differs_from_dense"] == len(prompts), "SPON-fp8 answers equal dense-fp8's: sparsity off?"
+    shortfall = result["dense"]["teacher_forced_agreement"] - result["spon"]["teacher_forced_agreement"]
+    assert shortfall <= FP8_AGREEMENT_SLACK, f"SPON-fp8 agrees with its reference {shortfall:.2f} less than dense"
+    return result
+
+
+def _check_prompts() -> list[list[int]]:
+    return [torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+
+
+def _reference(checkpoint: Path, quantization: str = "none"):
+    """The reference sparse model (float32) of a checkpoint on the GPU, its weights rounded for `quantization`."""
+    from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+    from vllm_spon.format.checkpoint import load_checkpoint
+
+    sparse = SparseModel(load_hf_model(checkpoint, device="cuda"))
+    sparse.apply_checkpoint(load_checkpoint(checkpoint))
+    sparse.quantize(quantization)
+    return sparse
+
+
+@torch.no_grad()
+def _reference_greedy(sparse, method: str, prompt: list[int], new_tokens: int) -> list[int]:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with sparse.use(method):
+        return sparse.model.generate(torch.tensor([prompt], device="cuda"), **kwargs)[0, len(prompt) :].tolist()
+
+
+@torch.no_grad()
+def _teacher_forced(sparse, method: str, prompt: list[int], tokens: list[int]) -> tuple[float, float, float]:
+    """Fed vLLM's tokens, the reference's (fraction of them that are its argmax, largest logit gap of one to
+    the argmax, mean logit spread)."""
+    with sparse.use(method):
+        logits = sparse.logits(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1 : -1]
+    chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+    best = logits.max(1).values
+    return float((chosen == best).float().mean()), float((best - chosen).max()), float(logits.std(1).mean())
 
 
 def _answers(llm, prompts: list[list[int]], params, group: int) -> list[list[int]]:
@@ -280,6 +338,9 @@ def main() -> None:
     p = sub.add_parser("check-tokens")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tp", type=int, default=1)
+    p = sub.add_parser("check-fp8")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
     p = sub.add_parser("batch-divergence")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
@@ -295,6 +356,8 @@ def main() -> None:
         ns.json.write_text(json.dumps(result, indent=1))
     elif ns.cmd == "table":
         print(table(ns.json))
+    elif ns.cmd == "check-fp8":
+        ns.json.write_text(json.dumps(check_fp8(ns.out), indent=1))
     elif ns.cmd == "batch-divergence":
         ns.json.write_text(json.dumps(batch_divergence(ns.out, ns.dtype), indent=1))
     else:

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_e2e.sh run   WORK OUT ENGINE...   # ENGINE: dense | fp8 | spon40 | spon50 | spon50-fp8
 #   bash scripts/gpu_e2e.sh table WORK OUT             # ratios to dense bf16, all JSONs of WORK in one table
 #   bash scripts/gpu_e2e.sh check OUT                  # greedy tokens of vLLM vs the reference sparse model
+#   bash scripts/gpu_e2e.sh check-fp8 OUT              # the same under --quantization fp8, against dense fp8's
 #   bash scripts/gpu_e2e.sh divergence OUT             # answers vs batch, default and VLLM_BATCH_INVARIANT=1
 # TP=2 in the environment runs every engine and the token check with tensor parallelism 2 (two GPUs; keep NVLink
 # multicast off as the device notes say). Every engine of one table must run on the same GPUs in one session.
@@ -38,6 +39,8 @@ case $stage in
     python $bench table "$1"/dense.json $(ls "$1"/*.json | grep -v '/dense.json$') | tee "$2/table.md" ;;
   check)
     python $bench check-tokens --out /tmp/e2e-small --tp "${TP:-1}" 2>&1 | tee "$1/check_tokens.log" | tail -20 ;;
+  check-fp8)
+    python $bench check-fp8 --out /tmp/e2e-fp8 --json "$1/check_fp8.json" 2>&1 | tee "$1/check_fp8.log" | tail -5 ;;
   divergence)
     for invariant in 0 1; do
       VLLM_BATCH_INVARIANT=$invariant python $bench batch-divergence --out /tmp/e2e-div \
