@@ -200,14 +200,33 @@ class _Fp8Layer(torch.nn.Module):
         self.params_dtype, self.prefix = torch.float32, f"model.layers.0.fake{id(self)}"
 
 
+class _FakeScaledMM:
+    """Stands for vLLM 0.26's fp8 `ScaledMMLinearKernel`: dynamic per-token fp8 activations, fp32 product."""
+
+    layer_param_names = ("weight", "weight_scale", "input_scale", "input_scale_ub")
+
+    def quant_fp8(self, x, scale=None, scale_ub=None):
+        s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+        return (x.float() / s).to(FP8_DTYPE), s
+
+    def apply_scaled_mm(self, *, A, B, out_dtype, As, Bs, bias, output_shape):
+        y = (A.float() * As) @ (B.float() * Bs.reshape(1, -1))
+        return (y if bias is None else y + bias).to(out_dtype).view(output_shape)
+
+
 class Fp8FakeLinearMethod:
-    """Stands for vLLM's fp8 method: a dense matmul on the dequantized weight (activations unquantized)."""
+    """Stands for vLLM's fp8 method: its kernel's two halves back to back, as `apply_weights` runs them."""
 
     block_quant = use_marlin = False
 
+    def __init__(self):
+        self.fp8_linear = _FakeScaledMM()
+
     def apply(self, layer, x, bias=None):
-        y = x.float() @ (layer.weight.float() * layer.weight_scale.reshape(1, -1))
-        return (y if bias is None else y + bias).to(x.dtype)
+        x_q, scale = self.fp8_linear.quant_fp8(x.reshape(-1, x.shape[-1]))
+        return self.fp8_linear.apply_scaled_mm(A=x_q, B=layer.weight, out_dtype=x.dtype, As=scale,
+                                               Bs=layer.weight_scale, bias=bias,
+                                               output_shape=[*x.shape[:-1], layer.weight.shape[1]])  # fmt: skip
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
@@ -241,30 +260,50 @@ def test_plugin_picks_fp8_method_only_where_the_table_has_a_kernel(monkeypatch):
     assert lm._method_class(block, layer, cuda) is lm.SponQuantizedLinearMethod
     awq = type("AWQLinearMethod", (), {})()
     assert lm._method_class(awq, layer, cuda) is lm.SponQuantizedLinearMethod
+    other_kernel = Fp8FakeLinearMethod()
+    other_kernel.fp8_linear = object()  # not vLLM 0.26's two halves: the plugin cannot split it
+    assert lm._method_class(other_kernel, layer, cuda) is lm.SponQuantizedLinearMethod
 
 
-@pytest.mark.parametrize("thresholds", [[0.5, 0.5, 0.5], [0.5, 0.2, 0.9]])
-def test_fp8_method_kernel_and_inner_paths_agree(thresholds, monkeypatch):
-    """Through `torch.ops.spon.fp8_linear`: on the CPU every token count takes the inner (vLLM) path; with the
-    kernel entry standing in (the fp8 reference on the method's own row-major copy, fused bias, thresholds
-    and segments), the result is the same."""
+def test_fp8_method_kernel_and_inner_paths(monkeypatch):
+    """Through `torch.ops.spon.fp8_linear`: on the CPU every token count takes vLLM's kernel (its second half,
+    on the input thresholded and quantized by its first half in traced code) and gives what vLLM's method
+    gives on the thresholded input; with the sparse kernel standing in, it receives the method's row-major
+    fp8 copy, the scale, the thresholds, the segments and the fused bias (layer bias + SPON bias)."""
     from vllm_spon import linear_method as lm
 
-    layer = _Fp8Layer([24, 8, 16], thresholds, per_channel=True)
+    layer = _Fp8Layer([24, 8, 16], [0.5, 0.5, 0.5], per_channel=True)
     dense = lm.SponQuantizedLinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
     method = lm.SponFp8LinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
     dense.finalize(layer)
     method.finalize(layer)
-    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(1))
     layer_bias = torch.randn(48)
-    want = dense.apply(layer, x, layer_bias)
-    torch.testing.assert_close(method.apply(layer, x, layer_bias), want)
+    torch.testing.assert_close(method.apply(layer, x, layer_bias), dense.apply(layer, x, layer_bias))
 
     def kernel(x, weight_t, scale, thresholds, ends, bias, dense):
         assert weight_t.is_contiguous() and weight_t.dtype == FP8_DTYPE
         return sparse_linear_fp8_reference(x, weight_t, scale, thresholds, list(ends), bias)
 
     monkeypatch.setattr(lm, "sparse_linear_fp8", kernel)
+    scale = layer.weight_scale.reshape(-1)
+    want = sparse_linear_fp8_reference(x, layer.weight, scale, layer.spon_threshold, [24, 32, 48],
+                                       layer_bias + layer.spon_bias)  # fmt: skip
     torch.testing.assert_close(method.apply(layer, x, layer_bias), want, atol=1e-5, rtol=1e-5)
     y = torch.compile(lambda x: method.apply(layer, x, layer_bias), fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)  # the op traces through its fake
+
+
+def test_fp8_layer_with_segment_thresholds_keeps_vllm_matmul():
+    """Distinct thresholds per segment would need one quantized input each: such a layer stays on vLLM's fp8
+    matmul per threshold, as `SponQuantizedLinearMethod` computes it."""
+    from vllm_spon import linear_method as lm
+
+    layer = _Fp8Layer([24, 8, 16], [0.5, 0.2, 0.9], per_channel=True)
+    dense = lm.SponQuantizedLinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
+    method = lm.SponFp8LinearMethod(Fp8FakeLinearMethod(), layer, has_bias=True)
+    dense.finalize(layer)
+    method.finalize(layer)
+    assert method.rows is None
+    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(method.apply(layer, x), dense.apply(layer, x))
