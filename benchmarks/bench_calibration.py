@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--steps", type=int, help="override the default SPON step count")
+    parser.add_argument("--hidden-weight", type=float, help="override calibrate's --hidden-weight")
+    parser.add_argument("--data", help="override calibrate's --data (the calibration text)")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     parser.add_argument("--quantization", choices=["none", "fp8", "fp8_per_channel"], default="none",
                         help="serve (evaluate) with this vLLM weight quantization and compare two recipes: "
@@ -127,7 +129,7 @@ def main() -> None:
                 results.append(json.loads(row_file.read_text()))
                 continue
             t0 = time.perf_counter()
-            extra = {"steps": ns.steps} if ns.steps is not None else {}
+            extra = {k: v for k in ("steps", "hidden_weight", "data") if (v := getattr(ns, k)) is not None}
             calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
                                       eval_data=None, overwrite=True, quantization=recipe, **extra))
             seconds = time.perf_counter() - t0

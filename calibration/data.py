@@ -3,11 +3,14 @@
 A DATA argument is one of
   - a path: a text file, or a folder whose `*.txt` / `*.md` files are read in sorted order;
   - `builtin:sense-and-sensibility`, `builtin:persuasion`: the shipped public-domain corpus;
+  - `builtin:mixed`: several domains from the shipped corpus and Python's standard library (`mixed_text`);
   - `python-docs`: Python's own documentation prose, from the standard library (no network);
   - `hf:NAME[:CONFIG[:SPLIT]]` or `wikitext-2`: a Hugging Face dataset (needs the network or a local cache).
 """
 
 import importlib.resources
+import itertools
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -16,6 +19,14 @@ BUILTIN = {
     "sense-and-sensibility": "sense_and_sensibility.txt",
     "persuasion": "persuasion.txt",
 }
+MIXED = "mixed"
+# builtin:mixed's standard-library parts: source code (docstrings and comments included) of these modules, and
+# the prose files of a CPython install (licence, IDLE's change logs) that exist. Neither evaluation text is in
+# it: no Persuasion, and no documentation prose (python-docs, IDLE's help.html).
+MIXED_STDLIB_MODULES = ("argparse", "calendar", "configparser", "dataclasses", "difflib", "fractions", "pathlib",
+                        "shutil", "textwrap", "zipfile")
+MIXED_STDLIB_PROSE = ("LICENSE.txt", "idlelib/NEWS.txt", "idlelib/HISTORY.txt", "idlelib/README.txt")
+MIXED_PIECES = 32
 DEFAULT_CALIBRATION_DATA = "builtin:sense-and-sensibility"
 DEFAULT_EVAL_DATA = "builtin:persuasion"
 HF_ALIASES = {"wikitext-2": "hf:wikitext:wikitext-2-raw-v1:test", "wikitext2": "hf:wikitext:wikitext-2-raw-v1:test"}
@@ -43,7 +54,7 @@ def load_text(spec: str) -> str:
     else:
         raise DataError(
             f"DATA {spec!r} is neither an existing file or folder nor a known source; use a path, "
-            f"{', '.join('builtin:' + k for k in BUILTIN)}, python-docs, or hf:NAME[:CONFIG[:SPLIT]]"
+            f"{', '.join('builtin:' + k for k in [*BUILTIN, MIXED])}, python-docs, or hf:NAME[:CONFIG[:SPLIT]]"
         )
     if not text.strip():
         raise DataError(f"DATA {spec!r} holds no text")
@@ -63,9 +74,30 @@ def _read_path(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({e})") from None
 
 
+def _pieces(text: str, n: int) -> list[str]:
+    """`text` cut at line ends into `n` pieces of near-equal length (fewer if it has fewer lines)."""
+    lines = text.splitlines(keepends=True)
+    bounds = [round(i * len(lines) / n) for i in range(n + 1)]
+    return ["".join(lines[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def mixed_text() -> str:
+    """A novel, standard-library source code and other English prose, interleaved in `MIXED_PIECES` rounds so
+    that every slice of it (threshold statistics at the start, training windows, check windows at the end)
+    holds each domain: calibration that is not tuned to one kind of text."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    code = "\n\n".join((stdlib / f"{m}.py").read_text(encoding="utf-8") for m in MIXED_STDLIB_MODULES)
+    prose = "\n\n".join((stdlib / f).read_text(encoding="utf-8") for f in MIXED_STDLIB_PROSE
+                         if (stdlib / f).is_file())
+    sources = [_pieces(t, MIXED_PIECES) for t in (_read_builtin("sense-and-sensibility"), code, prose) if t]
+    return "\n\n".join(p for round_ in itertools.zip_longest(*sources, fillvalue="") for p in round_ if p)
+
+
 def _read_builtin(name: str) -> str:
+    if name == MIXED:
+        return mixed_text()
     if name not in BUILTIN:
-        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted(BUILTIN)}")
+        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted([*BUILTIN, MIXED])}")
     return importlib.resources.files("vllm_spon.calibration").joinpath("corpus", BUILTIN[name]).read_text()
 
 

@@ -84,6 +84,9 @@ class CalibrationArgs(BaseModel):
     steps: int = Field(default=100, ge=0, description="SPON training steps")
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="SPON training learning rate (Adam)")
     windows_per_step: int = Field(default=2, gt=0, description="windows per SPON training step")
+    hidden_weight: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, description="weight of a hidden-state term added to the KL "
+        "loss: normalised MSE between the sparse and dense residual stream after every layer (0: logits only)")
     check_windows: int = Field(
         default=8, ge=0, description="windows at the end of --data held out of SPON training, on which the "
         "biases of layers where they hurt are dropped and plain TEAL is kept if SPON does not beat it (0: keep "
@@ -210,7 +213,7 @@ def calibrate(args: CalibrationArgs) -> Path:
     if args.method == "spon":
         train_spon(sparse, train_windows,
                    TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed,
-                               precision=args.resolved_precision()),
+                               precision=args.resolved_precision(), hidden_weight=args.hidden_weight),
                    log=logger.info)
         sparse.fuse_vectors()
         if args.threshold_stats == "sequential":

@@ -170,6 +170,13 @@ class SparseModel:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    def logits_and_hidden(self, input_ids: torch.Tensor, hidden: bool = True
+                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Logits and, if `hidden`, the residual stream after the embeddings and after every decoder layer
+        (the last one after the final norm, as Hugging Face returns it); () otherwise."""
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+        return out.logits, out.hidden_states if hidden else ()
+
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final hidden states, skipping the LM head (for passes that only need activations)."""
         backbone = self.model.get_submodule(self.family.backbone)

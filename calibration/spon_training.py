@@ -5,11 +5,13 @@ are rounded to fp8, so the biases compensate quantization error too) is the teac
 plus vectors is the student. The loss is KL(p_dense || p_sparse) over the final logits of every position.
 Input-space vectors `a` (the paper's) are added after thresholding; output-space vectors `c` are added to the
 linear's output. Both fuse to the same bias (`W a` or `c`), so they differ only in optimisation geometry.
+With `hidden_weight` > 0 the loss also aligns the student's residual stream with the teacher's after every
+decoder layer (the paper's representational-alignment view): a signal at every depth, not only at the logits.
 """
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +55,8 @@ class TrainConfig:
     precision: Precision = "fp32"
     # Cosine decay to a tenth of `lr`: large early steps, a settled finish.
     schedule: Literal["constant", "cosine"] = "constant"
+    # Weight of `hidden_alignment` added to the KL (0: logits only, no hidden states kept).
+    hidden_weight: float = 0.0
 
 
 def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -60,6 +64,15 @@ def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def hidden_alignment(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and positions of ||h_student - h_teacher||^2 / ||h_teacher||^2 on each decoder layer's
+    output (the embeddings, equal in both, skipped). Normalised per token, so neither the deep layers' larger
+    residual stream nor the first token's massive activations dominate."""
+    terms = [((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+             for t, s in zip(teacher[1:], student[1:], strict=True)]
+    return torch.stack(terms).mean()
 
 
 def train_spon(
@@ -77,6 +90,7 @@ def train_spon(
     device = next(model.model.parameters()).device
     order = torch.randperm(len(windows), generator=generator)
     cursor, losses = 0, []
+    hidden = config.hidden_weight > 0
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"SPON training ({config.bias_space} space)", leave=False)
     for step in bar:
@@ -86,9 +100,11 @@ def train_spon(
         cursor += config.windows_per_step
         with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16"):
             with torch.no_grad(), model.use("dense"), model.unquantized():
-                teacher = model.logits(batch)
+                teacher, teacher_hidden = model.logits_and_hidden(batch, hidden)
             with model.use("spon"):
-                loss = kl_dense_to_sparse(teacher, model.logits(batch))
+                student, student_hidden = model.logits_and_hidden(batch, hidden)
+            kl = kl_dense_to_sparse(teacher, student)
+            loss = kl + config.hidden_weight * hidden_alignment(teacher_hidden, student_hidden) if hidden else kl
         check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,8 +112,9 @@ def train_spon(
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
-        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        bar.set_postfix(kl=f"{kl.item():.4f}", loss=f"{losses[-1]:.4f}")
+    what = "loss (KL + hidden term)" if hidden else "KL"
     log(f"SPON training: {config.steps} steps in {time.perf_counter() - start:.0f} s, "
-        f"KL {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
+        f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
         if losses else "SPON training: 0 steps")
     return losses

@@ -134,3 +134,59 @@ def test_spon_worse_than_teal_on_the_check_writes_plain_teal(tiny_model, tmp_pat
     assert config.thresholds == config.teal_thresholds and config.calibration.steps == 2
     assert config.perplexity.spon == config.perplexity.teal
     assert config.perplexity.spon_sparsity == config.perplexity.teal_sparsity
+
+
+def test_hidden_weight_adds_the_hidden_state_term_to_the_kl(tiny_llama_dir):
+    """With --hidden-weight w the first step's loss is the KL plus w times the normalised hidden-state MSE of
+    the same batch (both windows, so the order does not matter); the MSE is positive for a sparse student."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_spon.calibration.sparse_model import SparseModel
+    from vllm_spon.calibration.spon_training import TrainConfig, hidden_alignment, train_spon
+
+    model = SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    model.set_thresholds(dict.fromkeys(model.linears, 0.05))
+    windows = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    kl_only = train_spon(model, windows, TrainConfig(steps=1))[0]
+    model.init_vectors("output")
+    with torch.no_grad(), model.use("dense"):
+        _, teacher = model.logits_and_hidden(windows)
+    with torch.no_grad(), model.use("spon"):
+        _, student = model.logits_and_hidden(windows)
+    term = hidden_alignment(teacher, student).item()
+    assert len(teacher) == len(model.decoder_layers()) + 1 and term > 1e-4
+    with_hidden = train_spon(model, windows, TrainConfig(steps=1, hidden_weight=2.0))[0]
+    assert with_hidden == pytest.approx(kl_only + 2.0 * term, rel=1e-4)
+
+
+def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkeypatch):
+    from vllm_spon.calibration import pipeline
+
+    seen = {}
+
+    def record(model, windows, config, log):
+        seen["config"] = config
+        raise pipeline.TrainingError("stop after recording the config")
+
+    monkeypatch.setattr(pipeline, "train_spon", record)
+    with pytest.raises(pipeline.TrainingError, match="stop after"):
+        pipeline.calibrate(pipeline.CalibrationArgs(
+            model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, num_tokens=256, window=32, steps=2,
+            eval_data=None, check_windows=0, hidden_weight=0.5))
+    assert seen["config"].hidden_weight == 0.5
+
+
+def test_builtin_mixed_interleaves_novel_code_and_prose_without_the_eval_texts():
+    """Every slice of builtin:mixed (statistics come from its start, check windows from its end) holds more
+    than the novel; neither evaluation text is in it."""
+    from pydoc_data.topics import topics
+
+    from vllm_spon.calibration.data import load_text
+
+    text = load_text("builtin:mixed")
+    head, tail = text[:len(text) // 10], text[-len(text) // 10:]
+    for part in (head, tail):
+        assert "def " in part and "Elinor" in part
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in text
+    assert "Anne Elliot" not in text and topics["assert"][:200] not in text
