@@ -22,6 +22,7 @@ time, max_tokens=1. Medians of repeats. Ratios are SPON over dense, measured in 
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ DECODE_TOKENS = 128
 PREFILL_TOKENS = 2048
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)  # fmt: skip
-FP8_AGREEMENT_SLACK = 0.1  # check-fp8: SPON's agreement with its reference may trail dense's by this much
+FP8_AGREEMENT_SLACK = 0.1  # check-fp8: agreement with the reference may fall this much with the kernel
 
 
 def write_tokenizer(out: Path) -> None:
@@ -195,37 +196,65 @@ def check_tokens(out: Path, tensor_parallel_size: int = 1, new_tokens: int = 24)
 
 def check_fp8(out: Path, new_tokens: int = 24) -> dict:
     """vLLM `quantization="fp8"` (bf16 activations, compile + CUDA graphs) against the reference with the
-    weights rounded as vLLM rounds them, SPON and dense alike, each prompt sent alone (decode through the sparse
-    fp8 kernel where the fp8 table has one).
+    weights rounded as vLLM rounds them, each prompt sent alone: SPON with every layer of the small model on
+    the sparse fp8 kernel at one token (a kernel table for its shapes, `VLLM_SPON_KERNEL_TABLE`, holding the
+    H200 table's fused gate/up config), SPON with none on it (vLLM's fp8 matmul on the thresholded input), and
+    the dense model.
 
-    Exact equality is not expected: vLLM's fp8 prefill (and its dense decode) also quantizes activations to
-    fp8, which neither the reference nor the sparse kernel does, and it computes in bf16. So the tolerance is
-    the dense engine's own agreement with its reference: SPON's teacher-forced agreement (vLLM's token is the
-    reference's argmax) may fall short of dense's by at most FP8_AGREEMENT_SLACK.
+    Exact equality is not expected: vLLM's fp8 prefill (and its matmul at decode) also quantizes activations to
+    fp8, which neither the reference nor the sparse kernel does, and it computes in bf16. The kernel's
+    tolerance is the engine without it: its teacher-forced agreement with the reference (vLLM's token is the
+    reference's argmax) may fall short of that one's by at most FP8_AGREEMENT_SLACK. Engines run in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the layers on the kernel can be counted.
     """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from bench_kernels import write_table
     from vllm import LLM, SamplingParams
 
+    from vllm_spon import linear_method
+    from vllm_spon.kernels import configs
+
+    os.environ.pop(configs.TABLE_ENV, None)  # the packaged H200 table's config below
+    configs.table_for.cache_clear()
     if not (out / "spon50").exists():
         make_models(out, SMALL_LLAMA, [0.5], torch.bfloat16, seed=1)
+    h, i, kv = SMALL_LLAMA["hidden_size"], SMALL_LLAMA["intermediate_size"], SMALL_LLAMA["num_key_value_heads"]
+    shapes = [(h, h + 2 * kv * h // SMALL_LLAMA["num_attention_heads"]), (h, h), (h, 2 * i), (i, h)]
+    gate_up = configs.table_for("NVIDIA H200", fp8=True)[(4096, 28672, 1)]
+    for name, fp8_config in (("spon_kernel", gate_up), ("spon_vllm_matmul", None)):
+        write_table({}, out / f"{name}_table.py", "check-fp8", {(k, n, 1): fp8_config for k, n in shapes})
     prompts = _check_prompts()
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    answers = {}
-    for method, model, load_format in (("dense", out / "base", "auto"), ("spon", out / "spon50", "spon")):
-        llm = LLM(str(model), load_format=load_format, dtype="bfloat16", quantization="fp8", max_model_len=512,
-                  gpu_memory_utilization=0.3)  # fmt: skip
-        answers[method] = _answers(llm, prompts, params, 1)
+    answers, on_kernel = {}, {}
+    for engine, model, load_format in (("dense", "base", "auto"), ("spon_kernel", "spon50", "spon"),
+                                       ("spon_vllm_matmul", "spon50", "spon")):  # fmt: skip
+        os.environ[configs.TABLE_ENV] = str(out / f"{engine}_table.py") if load_format == "spon" else ""
+        configs.table_for.cache_clear()
+        linear_method._FP8_LAYERS.clear()
+        llm = LLM(str(out / model), load_format=load_format, dtype="bfloat16", quantization="fp8",
+                  max_model_len=512, gpu_memory_utilization=0.3)  # fmt: skip
+        answers[engine] = _answers(llm, prompts, params, 1)
+        on_kernel[engine] = len(linear_method._FP8_LAYERS)
         del llm
+        gc.collect()
+        torch.cuda.empty_cache()
     sparse = _reference(out / "spon50", quantization="fp8")
-    result: dict = {"prompts": len(prompts), "new_tokens": new_tokens}
-    for method, got in answers.items():
-        agree = [_teacher_forced(sparse, method, p, t)[0] for p, t in zip(prompts, got, strict=True)]
-        greedy = sum(t == _reference_greedy(sparse, method, p, new_tokens) for p, t in zip(prompts, got, strict=True))
-        result[method] = {"teacher_forced_agreement": sum(agree) / len(agree), "greedy_sequences_equal": greedy}
-    result["spon_differs_from_dense"] = sum(a != b for a, b in zip(answers["spon"], answers["dense"], strict=True))
+    result: dict = {"prompts": len(prompts), "new_tokens": new_tokens, "layers_on_the_fp8_kernel": on_kernel}
+    for engine, got in answers.items():
+        method = "dense" if engine == "dense" else "spon"
+        pairs = list(zip(prompts, got, strict=True))
+        agree = [_teacher_forced(sparse, method, p, t)[0] for p, t in pairs]
+        greedy = sum(t == _reference_greedy(sparse, method, p, new_tokens) for p, t in pairs)
+        result[engine] = {"teacher_forced_agreement": sum(agree) / len(agree), "greedy_sequences_equal": greedy}
+    result["spon_differs_from_dense"] = sum(a != b for a, b in zip(answers["spon_kernel"], answers["dense"],
+                                                                   strict=True))  # fmt: skip
     print(f"check-fp8: {result}", flush=True)
+    assert on_kernel["spon_kernel"] == 4 * SMALL_LLAMA["num_hidden_layers"], "not every layer on the fp8 kernel"
+    assert on_kernel["spon_vllm_matmul"] == 0
     assert result["spon_differs_from_dense"] == len(prompts), "SPON-fp8 answers equal dense-fp8's: sparsity off?"
-    shortfall = result["dense"]["teacher_forced_agreement"] - result["spon"]["teacher_forced_agreement"]
-    assert shortfall <= FP8_AGREEMENT_SLACK, f"SPON-fp8 agrees with its reference {shortfall:.2f} less than dense"
+    shortfall = (result["spon_vllm_matmul"]["teacher_forced_agreement"]
+                 - result["spon_kernel"]["teacher_forced_agreement"])  # fmt: skip
+    assert shortfall <= FP8_AGREEMENT_SLACK, f"with the fp8 kernel, {shortfall:.2f} less agreement than without"
     return result
 
 
