@@ -117,14 +117,15 @@ def load_checkpoint(checkpoint: str | os.PathLike, check_weights: bool = True) -
     shapes. Every refusal is one line naming the file, the tensor and the fix.
     """
     config = read_config(checkpoint)
-    _check_links(checkpoint, config)
+    check_links(checkpoint, config)
     check_base_model(config.base_model, checkpoint, spon_dir(checkpoint) / CONFIG_FILE, check_weights=check_weights)
     thresholds, biases = _read_tensors(spon_dir(checkpoint) / TENSORS_FILE)
     validate_contents(spon_dir(checkpoint), config, read_hf_config(checkpoint), thresholds, biases)
     return SponCheckpoint(config, model_family(checkpoint), thresholds, biases)
 
 
-def _check_links(checkpoint: str | os.PathLike, config: SponConfig) -> None:
+def check_links(checkpoint: str | os.PathLike, config: SponConfig) -> None:
+    """Every link in the checkpoint's folder resolves; else name the link and the base model's recorded path."""
     for link in sorted(Path(checkpoint).iterdir()):
         if link.is_symlink() and not link.exists():
             raise CheckpointError(

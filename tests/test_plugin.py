@@ -116,3 +116,31 @@ def test_compile_cache_key_differs_between_dense_and_spon(zero_spon_overlay, spo
     again = config(str(zero_spon_overlay), "spon")
     record_compile_identity(again, zero_spon_overlay)
     assert again.compute_hash() == spon.compute_hash()
+
+
+def test_vllm_refuses_a_broken_overlay_before_reading_its_config(zero_spon_overlay, tmp_path):
+    """An overlay of an earlier version links config.json too; with its base moved, vLLM's `EngineArgs` used to
+    fail reading that config ("Invalid repository ID or local directory"). The validator's line comes first."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_spon
+    from vllm_spon.format.errors import CheckpointError
+
+    vllm_spon.register()
+    old = tmp_path / "old-overlay"
+    old.mkdir()
+    for item in zero_spon_overlay.iterdir():
+        if item.name == "spon":
+            shutil.copytree(item, old / "spon")
+        elif item.name == "config.json":
+            (old / item.name).symlink_to(tmp_path / "moved" / "config.json")
+        else:
+            (old / item.name).symlink_to(item.resolve())
+    with pytest.raises(CheckpointError, match=r"config\.json points to .*moved/config\.json, which does not exist"):
+        EngineArgs(model=str(old), load_format="spon").create_model_config()
+    with pytest.raises(CheckpointError, match=r"spon/config\.json does not exist"):
+        EngineArgs(model=str(tmp_path), load_format="spon").create_model_config()
+    config = EngineArgs(model=str(zero_spon_overlay), load_format="spon").create_model_config()
+    assert config.hf_config.model_type == "llama"

@@ -6,7 +6,8 @@ _registered = False
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: `--load-format spon` and `torch.ops.spon.sparse_linear`.
+    """vLLM general-plugin entry point: `--load-format spon`, `torch.ops.spon.sparse_linear`, and the
+    checkpoint's own check before vLLM reads the model's config (`loader.check_spon_model_first`).
 
     vLLM calls this in every process it starts (API server, engine core, each worker), possibly more than
     once: it registers once per process, imports vLLM's loader machinery only when called (not when
@@ -15,10 +16,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import register_model_loader
 
     from vllm_spon import ops  # noqa: F401  (registers the custom op)
-    from vllm_spon.loader import LOAD_FORMAT, SponModelLoader
+    from vllm_spon.loader import LOAD_FORMAT, SponModelLoader, check_spon_model_first
 
     register_model_loader(LOAD_FORMAT)(SponModelLoader)
+    check_spon_model_first(EngineArgs)
     _registered = True

@@ -26,7 +26,15 @@ from vllm.model_executor.model_loader import DummyModelLoader, get_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.platforms import current_platform
 
-from vllm_spon.format.checkpoint import CONFIG_FILE, TENSORS_FILE, SponCheckpoint, load_checkpoint, spon_dir
+from vllm_spon.format.checkpoint import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    SponCheckpoint,
+    check_links,
+    load_checkpoint,
+    read_config,
+    spon_dir,
+)
 from vllm_spon.format.errors import CheckpointError
 from vllm_spon.kernels import vllm_batch_invariant
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM, SponLinearMethod, install_spon_method
@@ -39,6 +47,28 @@ LOAD_FORMAT = "spon"
 BASE_LOAD_FORMAT_KEY = "base_load_format"
 # vllm_config.additional_config key holding the checkpoint's identity (hashed into the compile cache key).
 COMPILE_KEY = "spon_checkpoint"
+
+
+def check_spon_model_first(engine_args_class: type) -> None:
+    """Make `engine_args_class.create_model_config` (vLLM's `EngineArgs`) check a `--load-format spon` model's
+    `spon/config.json` and links first.
+
+    vLLM reads the model's config.json to build its `ModelConfig` before any loader runs, so an old overlay
+    whose linked config.json lost its base model, or a folder that is no SPON checkpoint, failed there with
+    vLLM's "Invalid repository ID or local directory" error; the validator's own line names the file and the
+    fix. Installed once per process by `register()`.
+    """
+    create_model_config = engine_args_class.create_model_config
+    if getattr(create_model_config, "_spon_checks_first", False):
+        return
+
+    def checked(self):
+        if str(self.load_format) == LOAD_FORMAT:
+            check_links(self.model, read_config(self.model))
+        return create_model_config(self)
+
+    checked._spon_checks_first = True
+    engine_args_class.create_model_config = checked
 
 
 def checkpoint_identity(model_dir: str | os.PathLike) -> str:
