@@ -196,7 +196,8 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
                         bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """The body of `torch.ops.spon.fp8_linear` for the thresholded x `[T, in]` and its quantization."""
         weight_t, scale = self.rows
-        def dense(x: torch.Tensor) -> torch.Tensor:
+
+        def dense(x: torch.Tensor) -> torch.Tensor:  # vLLM's product of the same x, quantized in traced code
             return self.vllm_kernel.matmul(layer, x_q, x_scale, bias, x.dtype)
 
         return sparse_linear_fp8(x, weight_t, scale, layer.spon_threshold, self.segment_ends, bias, dense=dense)
@@ -275,7 +276,8 @@ def _method_class(inner: LinearMethodBase, layer: LinearBase, device: torch.devi
 
 def fp8_kernel_selected(inner: LinearMethodBase, layer: LinearBase, device: torch.device) -> bool:
     """Whether `layer` takes the sparse fp8 kernel at some decode token count: vLLM's fp8 method (neither
-    block-quantized nor Marlin-packed) on a CUDA GPU whose measured fp8 table has a kernel for its shape."""
+    block-quantized nor Marlin-packed, its kernel in the two halves `VllmFp8Kernel` calls) on a CUDA GPU whose
+    measured fp8 table has a kernel for its shape."""
     if device.type != "cuda" or not kernels.has_triton_cuda() or not type(inner).__name__.startswith("Fp8"):
         return False
     if getattr(inner, "block_quant", False) or getattr(inner, "use_marlin", False) or VllmFp8Kernel.of(inner) is None:
