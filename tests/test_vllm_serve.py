@@ -4,6 +4,7 @@ and every kind of bad checkpoint stopping `vllm serve` at start-up with a messag
 import asyncio
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -138,14 +139,41 @@ BAD_CHECKPOINTS = {
 }
 
 
+# Each refusal is a real `vllm serve` start-up, ~45 s of mostly one-core work (imports in three processes, one
+# after another). The first refusal test starts them all, a few at a time, and each test then waits for its own
+# start-up and asserts on it (the four: 132 s one after another, 90 s two at a time, on 2 busy cores).
+REFUSALS_AT_ONCE = 2
+
+
+def _start(checkpoint: Path, log_path: Path) -> None:
+    """`vllm serve` on `checkpoint` as the tests start it; raises `ServerStartError` when it stops at start-up."""
+    with vllm_server(checkpoint, "--load-format", "spon", "--max-model-len", "512", log_path=log_path,
+                     timeout_s=240):
+        pass
+
+
+@pytest.fixture(scope="module")
+def bad_starts(request, spon_reference_case, tmp_path_factory):
+    """{case: (bad checkpoint, future of its `vllm serve` start-up)} for the refusal tests this session runs."""
+    cases = [item.callspec.params["case"] for item in request.session.items
+             if item.module is request.module and item.originalname == "test_bad_checkpoint_stops_start_up"]
+    starts = {}
+    with ThreadPoolExecutor(max_workers=REFUSALS_AT_ONCE) as pool:
+        for case in cases:
+            corrupt, _ = BAD_CHECKPOINTS[case]
+            work = tmp_path_factory.mktemp("bad-checkpoint")
+            checkpoint = _overlay_copy(Path(spon_reference_case.checkpoint), work / "bad")
+            corrupt(checkpoint)
+            starts[case] = checkpoint, pool.submit(_start, checkpoint, work / "vllm-serve.log")
+        yield starts
+
+
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
-def test_bad_checkpoint_stops_start_up(case, spon_reference_case, tmp_path):
-    corrupt, message = BAD_CHECKPOINTS[case]
-    checkpoint = _overlay_copy(Path(spon_reference_case.checkpoint), tmp_path / "bad")
-    corrupt(checkpoint)
-    server = vllm_server(checkpoint, "--load-format", "spon", "--max-model-len", "512",
-                         log_path=tmp_path / "vllm-serve.log", timeout_s=240)
-    with pytest.raises(ServerStartError, match="exited with code") as info, server:
+def test_bad_checkpoint_stops_start_up(case, bad_starts):
+    _, message = BAD_CHECKPOINTS[case]
+    checkpoint, start = bad_starts[case]
+    with pytest.raises(ServerStartError, match="exited with code") as info:
+        start.result()
         pytest.fail("vllm serve started on a bad checkpoint")
     assert message in info.value.log
     assert str(checkpoint / "spon") in info.value.log
