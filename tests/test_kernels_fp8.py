@@ -200,33 +200,52 @@ class _Fp8Layer(torch.nn.Module):
         self.params_dtype, self.prefix = torch.float32, f"model.layers.0.fake{id(self)}"
 
 
-class _FakeScaledMM:
-    """Stands for vLLM 0.26's fp8 `ScaledMMLinearKernel`: dynamic per-token fp8 activations, fp32 product."""
+def _vllm_kernel(dense_product=False):
+    """vLLM's own generic fp8 kernel class (its `apply_weights`: `quant_fp8`, then `apply_scaled_mm`), with the
+    scaled product, the part a GPU build runs in cutlass, in PyTorch; `dense_product`: a subclass that
+    overrides `apply_weights`, as vLLM's CPU and Marlin kernels do."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
+        FP8ScaledMMLinearKernel,
+        FP8ScaledMMLinearLayerConfig,
+    )
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8DynamicTokenSym, kFp8StaticTensorSym
 
-    layer_param_names = ("weight", "weight_scale", "input_scale", "input_scale_ub")
+    class TorchScaledMM(FP8ScaledMMLinearKernel):
+        @classmethod
+        def is_supported(cls, compute_capability=None):
+            return True, None
 
-    def quant_fp8(self, x, scale=None, scale_ub=None):
-        s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
-        return (x.float() / s).to(FP8_DTYPE), s
+        @classmethod
+        def can_implement(cls, c):
+            return True, None
 
-    def apply_scaled_mm(self, *, A, B, out_dtype, As, Bs, bias, output_shape):
-        y = (A.float() * As) @ (B.float() * Bs.reshape(1, -1))
-        return (y if bias is None else y + bias).to(out_dtype).view(output_shape)
+        def apply_scaled_mm(self, *, A, B, out_dtype, As, Bs, bias, output_shape):
+            y = (A.float() * As) @ (B.float() * Bs.reshape(1, -1))
+            return (y if bias is None else y + bias).to(out_dtype).view(output_shape)
+
+    class OwnProduct(TorchScaledMM):
+        def apply_weights(self, layer, x, bias=None):
+            return x @ layer.weight.float()
+
+    config = FP8ScaledMMLinearLayerConfig(weight_quant_key=kFp8StaticTensorSym,
+                                          activation_quant_key=kFp8DynamicTokenSym, weight_shape=(0, 0),
+                                          input_dtype=torch.float32, out_dtype=None)  # fmt: skip
+    with set_current_vllm_config(VllmConfig()):
+        kind = OwnProduct if dense_product else TorchScaledMM
+        return kind(config, ["weight", "weight_scale", "input_scale", "input_scale_ub"])
 
 
 class Fp8FakeLinearMethod:
-    """Stands for vLLM's fp8 method: its kernel's two halves back to back, as `apply_weights` runs them."""
+    """Stands for vLLM's fp8 method: `apply` is its kernel's `apply_weights`."""
 
     block_quant = use_marlin = False
 
-    def __init__(self):
-        self.fp8_linear = _FakeScaledMM()
+    def __init__(self, dense_product=False):
+        self.fp8_linear = _vllm_kernel(dense_product)
 
     def apply(self, layer, x, bias=None):
-        x_q, scale = self.fp8_linear.quant_fp8(x.reshape(-1, x.shape[-1]))
-        return self.fp8_linear.apply_scaled_mm(A=x_q, B=layer.weight, out_dtype=x.dtype, As=scale,
-                                               Bs=layer.weight_scale, bias=bias,
-                                               output_shape=[*x.shape[:-1], layer.weight.shape[1]])  # fmt: skip
+        return self.fp8_linear.apply_weights(layer, x, bias)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
@@ -260,9 +279,11 @@ def test_plugin_picks_fp8_method_only_where_the_table_has_a_kernel(monkeypatch):
     assert lm._method_class(block, layer, cuda) is lm.SponQuantizedLinearMethod
     awq = type("AWQLinearMethod", (), {})()
     assert lm._method_class(awq, layer, cuda) is lm.SponQuantizedLinearMethod
-    other_kernel = Fp8FakeLinearMethod()
-    other_kernel.fp8_linear = object()  # not vLLM 0.26's two halves: the plugin cannot split it
-    assert lm._method_class(other_kernel, layer, cuda) is lm.SponQuantizedLinearMethod
+    own_product = Fp8FakeLinearMethod(dense_product=True)  # `apply_weights` is not the two halves: not split
+    assert lm._method_class(own_product, layer, cuda) is lm.SponQuantizedLinearMethod
+    no_kernel = Fp8FakeLinearMethod()
+    no_kernel.fp8_linear = object()
+    assert lm._method_class(no_kernel, layer, cuda) is lm.SponQuantizedLinearMethod
 
 
 def test_fp8_method_kernel_and_inner_paths(monkeypatch):

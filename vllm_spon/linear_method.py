@@ -213,10 +213,13 @@ class VllmFp8Kernel:
 
     @classmethod
     def of(cls, inner: LinearMethodBase) -> "VllmFp8Kernel | None":
-        """The kernel of vLLM's fp8 method `inner`, or None where it has not these two halves."""
+        """The kernel of vLLM's fp8 method `inner`, or None unless its `apply_weights` is the generic one that
+        runs exactly these two halves (vLLM's CPU, Marlin and some other kernels replace it)."""
         kernel = getattr(inner, "fp8_linear", None)
+        owner = next((c for c in type(kernel).__mro__ if "apply_weights" in vars(c)), None)
+        generic = owner is not None and owner.__name__ == "FP8ScaledMMLinearKernel"
         halves = all(callable(getattr(kernel, half, None)) for half in ("quant_fp8", "apply_scaled_mm"))
-        return cls(kernel) if halves and len(getattr(kernel, "layer_param_names", ())) == 4 else None
+        return cls(kernel) if generic and halves and len(getattr(kernel, "layer_param_names", ())) == 4 else None
 
     def _params(self, layer: torch.nn.Module) -> list[torch.Tensor | None]:
         return [getattr(layer, name, None) for name in self.kernel.layer_param_names]  # w, w_s, x_s, x_s_ub
