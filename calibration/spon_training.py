@@ -112,7 +112,7 @@ def train_spon(
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
-        bar.set_postfix(kl=f"{kl.item():.4f}", loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if hidden else {}))
     what = "loss (KL + hidden term)" if hidden else "KL"
     log(f"SPON training: {config.steps} steps in {time.perf_counter() - start:.0f} s, "
         f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
