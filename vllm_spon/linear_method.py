@@ -66,6 +66,12 @@ class SponLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, *args, **kwargs) -> None:
         self.inner.create_weights(layer, *args, **kwargs)
 
+    def with_spon_bias(self, layer: torch.nn.Module, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's own bias plus the fused SPON bias where this rank adds it: one bias for the product."""
+        if not self.adds_bias:
+            return bias
+        return layer.spon_bias if bias is None else bias + layer.spon_bias
+
     def finalize(self, layer: torch.nn.Module) -> None:
         """Called once all weights and SPON tensors are loaded and processed."""
 
@@ -93,8 +99,7 @@ class SponDenseLinearMethod(SponLinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.adds_bias:
-            bias = layer.spon_bias if bias is None else bias + layer.spon_bias
+        bias = self.with_spon_bias(layer, bias)
         x2 = x.reshape(-1, x.shape[-1])
         thresholds = layer.spon_threshold
         if self.one_threshold:
@@ -185,11 +190,9 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
     ) -> torch.Tensor:
         if self.rows is None:
             return self.apply_inner(layer, x, bias)
-        fused = layer.spon_bias if self.adds_bias else None
-        fused = bias if fused is None else fused if bias is None else bias + fused
         x2 = sparsify(x.reshape(-1, x.shape[-1]), layer.spon_threshold[self.threshold_rows[0]])
         x_q, x_scale = self.vllm_kernel.quantize(layer, x2)
-        y = torch.ops.spon.fp8_linear(x2, x_q, x_scale, fused, self.name)
+        y = torch.ops.spon.fp8_linear(x2, x_q, x_scale, self.with_spon_bias(layer, bias), self.name)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def decode_or_inner(self, layer: torch.nn.Module, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor,
