@@ -15,6 +15,7 @@ of another model, or a re-tune to try before it is committed).
 """
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import os
@@ -65,6 +66,17 @@ def _table_file(path: Path) -> dict:
     if not isinstance(tables.get("TUNED"), dict):
         raise RuntimeError(f"{TABLE_ENV}={path}: defines no TUNED table; {fix}")
     return tables
+
+
+def dispatch_identity(device: torch.device) -> str:
+    """A digest of everything `select` reads on `device` (its two tables, vLLM's batch-invariant mode).
+
+    Which layers take the sparse fp8 kernel is fixed when the model is built, so a graph that vLLM compiled and
+    cached under one table would call layers that another table left on vLLM's matmul; the loader hashes this
+    into the compile-cache key."""
+    name = _device_name(device)
+    tables = [sorted(table_for(name, fp8).items()) for fp8 in (False, True)]
+    return hashlib.sha256(repr((name, tables, vllm_batch_invariant())).encode()).hexdigest()[:16]
 
 
 @cache

@@ -104,18 +104,54 @@ def test_compile_cache_key_differs_between_dense_and_spon(zero_spon_overlay, spo
     def config(model: str, load_format: str):
         return EngineArgs(model=model, load_format=load_format, dtype="float32").create_engine_config()
 
+    cpu = torch.device("cpu")
     dense = config(str(zero_spon_overlay), "auto")
     spon = config(str(zero_spon_overlay), "spon")
     assert dense.compute_hash() == spon.compute_hash()  # the problem
-    record_compile_identity(spon, zero_spon_overlay)
+    record_compile_identity(spon, zero_spon_overlay, cpu)
     assert spon.additional_config[COMPILE_KEY]
     assert spon.compute_hash() != dense.compute_hash()
     other = config(str(zero_spon_overlay), "spon")
-    record_compile_identity(other, spon_reference_case.checkpoint)
+    record_compile_identity(other, spon_reference_case.checkpoint, cpu)
     assert other.compute_hash() not in (spon.compute_hash(), dense.compute_hash())
     again = config(str(zero_spon_overlay), "spon")
-    record_compile_identity(again, zero_spon_overlay)
+    record_compile_identity(again, zero_spon_overlay, cpu)
     assert again.compute_hash() == spon.compute_hash()
+
+
+def test_compile_cache_key_follows_the_kernel_table(zero_spon_overlay, tmp_path, monkeypatch):
+    """The fp8 layers' path (sparse kernel or vLLM's matmul) is fixed in the traced graph by the kernel table:
+    a graph cached under one table made an engine under another fail at its first forward (H200, check-fp8),
+    so a different table must give a different compile-cache key, the same table the same key."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_spon.kernels import configs
+    from vllm_spon.kernels.triton_sparse import Config
+    from vllm_spon.loader import record_compile_identity
+
+    def key(table_text: str | None) -> str:
+        if table_text is None:
+            monkeypatch.delenv(configs.TABLE_ENV, raising=False)
+        else:
+            path = tmp_path / f"tuned_{abs(hash(table_text))}.py"
+            path.write_text(table_text)
+            monkeypatch.setenv(configs.TABLE_ENV, str(path))
+        configs.table_for.cache_clear()
+        vllm_config = EngineArgs(model=str(zero_spon_overlay), load_format="spon",
+                                 dtype="float32").create_engine_config()  # fmt: skip
+        record_compile_identity(vllm_config, zero_spon_overlay, torch.device("cpu"))
+        return vllm_config.compute_hash()
+
+    header = "from vllm_spon.kernels.triton_sparse import Config\nTUNED = {}\n"
+    on_kernel = f"{header}TUNED_FP8 = {{(256, 1024, 1): {Config('compact', bn=1024, bm=8)!r}}}\n"
+    off_kernel = f"{header}TUNED_FP8 = {{(256, 1024, 1): None}}\n"
+    try:
+        assert key(on_kernel) != key(off_kernel)
+        assert key(on_kernel) == key(on_kernel)
+        assert key(None) not in (key(on_kernel), key(off_kernel))
+    finally:
+        monkeypatch.delenv(configs.TABLE_ENV, raising=False)
+        configs.table_for.cache_clear()
 
 
 def test_vllm_refuses_a_broken_overlay_before_reading_its_config(zero_spon_overlay, tmp_path):

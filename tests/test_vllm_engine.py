@@ -14,7 +14,8 @@ from tests.vllm_probes import (
     spon_state,
     worker_additional_config,
 )
-from vllm_spon.loader import COMPILE_KEY, checkpoint_identity
+from vllm_spon.kernels import configs
+from vllm_spon.loader import COMPILE_KEY, DISPATCH_KEY, checkpoint_identity
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,8 @@ class TestSponCheckpoint:
 
     def test_checkpoint_identity_is_in_the_compile_cache_key(self, llm, spon_reference_case):
         [config] = llm.collective_rpc(worker_additional_config)
-        assert config == {COMPILE_KEY: checkpoint_identity(spon_reference_case.checkpoint)}
+        assert config == {COMPILE_KEY: checkpoint_identity(spon_reference_case.checkpoint),
+                          DISPATCH_KEY: configs.dispatch_identity(torch.device("cpu"))}  # fmt: skip
 
 
 def test_zero_thresholds_without_biases_give_dense_tokens(zero_spon_overlay, example_model_dir):

@@ -36,7 +36,7 @@ from vllm_spon.format.checkpoint import (
     spon_dir,
 )
 from vllm_spon.format.errors import CheckpointError
-from vllm_spon.kernels import vllm_batch_invariant
+from vllm_spon.kernels import configs, vllm_batch_invariant
 from vllm_spon.linear_method import BIAS_PARAM, THRESHOLD_PARAM, SponLinearMethod, install_spon_method
 from vllm_spon.sites import SponSite, check_fits, find_sites, on_other_ranks, site_has_bias, spon_tensors
 
@@ -45,8 +45,10 @@ logger = logging.getLogger("vllm.spon")
 LOAD_FORMAT = "spon"
 # model_loader_extra_config key: how the base weights are loaded ("auto", "safetensors", "dummy", ...).
 BASE_LOAD_FORMAT_KEY = "base_load_format"
-# vllm_config.additional_config key holding the checkpoint's identity (hashed into the compile cache key).
+# vllm_config.additional_config keys holding the checkpoint's identity and the kernel dispatch's (both hashed
+# into the compile cache key).
 COMPILE_KEY = "spon_checkpoint"
+DISPATCH_KEY = "spon_kernel_dispatch"
 
 
 def check_spon_model_first(engine_args_class: type) -> None:
@@ -79,11 +81,13 @@ def checkpoint_identity(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def record_compile_identity(vllm_config: VllmConfig, model_dir: str | os.PathLike) -> None:
-    """Put the checkpoint's identity into `additional_config`, which `VllmConfig.compute_hash` hashes.
+def record_compile_identity(vllm_config: VllmConfig, model_dir: str | os.PathLike, device: torch.device) -> None:
+    """Put the checkpoint's identity and the kernel dispatch's on `device` (`configs.dispatch_identity`) into
+    `additional_config`, which `VllmConfig.compute_hash` hashes.
 
     `--load-format` is not part of vLLM's compile-cache key: without this, a dense and a SPON run of the
-    same directory would share compiled graphs.
+    same directory would share compiled graphs, and so would two runs under different kernel tables (the
+    second then failed at its first forward, on a layer the first had put on the fp8 kernel).
     """
     if not isinstance(vllm_config.additional_config, dict):
         raise ValueError(
@@ -91,6 +95,7 @@ def record_compile_identity(vllm_config: VllmConfig, model_dir: str | os.PathLik
             f"not {type(vllm_config.additional_config).__name__}"
         )
     vllm_config.additional_config[COMPILE_KEY] = checkpoint_identity(model_dir)
+    vllm_config.additional_config[DISPATCH_KEY] = configs.dispatch_identity(device)
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
@@ -128,7 +133,7 @@ class SponModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         checkpoint = self.checkpoint(model_config)
-        record_compile_identity(vllm_config, model_config.model)
+        record_compile_identity(vllm_config, model_config.model, torch.device(current_platform.device_type))
         model = super().load_model(vllm_config, model_config, prefix)  # calls self.load_weights
         for site in self._sites:
             _check_loaded(site, model_config.model)
