@@ -1,8 +1,8 @@
 """Batch-1 decode and time to first token on vLLM's CPU build: dense against `--load-format spon`, one run.
 
 Both engines of a row run one after the other in this process (each shut down before the next starts), with
-the CPU build's settings (`vllm_spon/server.py`: float32, the memory fraction and KV cache that fit
-2-core machines), once eager and once with vLLM's default torch.compile. Decode is timed as on the GPU
+the CPU build's settings (`vllm_spon/server.py`: float32 unless `--dtype bfloat16`, the memory fraction and KV
+cache that fit 2-core machines), once eager and once with vLLM's default torch.compile. Decode is timed as on the GPU
 (`bench_gpu_e2e.decode_rate`); the prompt is held-out text (Persuasion), on which the thresholds zero about
 their calibrated fraction. Time to first token is the median over fresh 256-token held-out prompts (no prefix
 cache hits): prefill runs the same CPU kernel as decode (kernels/cpu.py), over tiles of tokens.
@@ -62,8 +62,9 @@ def machine() -> dict:
             "torch": torch.__version__, "vllm": vllm_version, "load_average": os.getloadavg()}
 
 
-def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dict:
-    """Dense and SPON batch-1 decode tokens/s, eager and compiled, with the checkpoint's sparsity."""
+def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int, dtype: str = "float32") -> dict:
+    """Dense and SPON batch-1 decode tokens/s, eager and compiled, with the checkpoint's sparsity, both engines
+    in `dtype`."""
     prompt = held_out_prompts(model, PROMPT_TOKENS, 1)[0]
     long_prompts = held_out_prompts(model, PREFILL_TOKENS, 1 + PREFILL_REPEATS)
     config = read_config(checkpoint)
@@ -71,7 +72,7 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
     for mode, eager in (("eager", True), ("compiled", False)):
         rates, ttft = {}, {}
         for name, path, load_format in (("dense", model, "auto"), ("spon", checkpoint, "spon")):
-            with engine(str(path), load_format=load_format, enforce_eager=eager, **ENGINE_KWARGS) as llm:
+            with engine(str(path), load_format=load_format, enforce_eager=eager, dtype=dtype, **ENGINE_KWARGS) as llm:
                 rates[name] = decode_rate(llm, [prompt], new_tokens, repeats)
                 ttft[name] = ttft_ms(llm, long_prompts)
             print(f"{mode} {name}: {rates[name]:.1f} tok/s, TTFT {ttft[name]:.0f} ms", flush=True)
@@ -93,7 +94,7 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int) -> dic
         "target_sparsity": config.target_sparsity,
         "achieved_sparsity": config.achieved_sparsity,
         "held_out_sparsity": config.perplexity.spon_sparsity if config.perplexity else None,
-        "engine": {**CPU_ENGINE_ARGS, **ENGINE_KWARGS},
+        "engine": {**CPU_ENGINE_ARGS, **ENGINE_KWARGS, "dtype": dtype},
         "prompt_tokens": PROMPT_TOKENS,
         "prefill_tokens": PREFILL_TOKENS,
         "new_tokens": new_tokens,
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="both engines' dtype (bfloat16: vLLM's AMX path for dense, where the CPU has AMX)")
     parser.add_argument("--kernels", action="store_true", help="time the op alone at the example model's shapes")
     ns = parser.parse_args()
     if ns.kernels:
@@ -202,7 +205,7 @@ def main() -> None:
     elif ns.model is None or ns.checkpoint is None:
         parser.error("--model and --checkpoint are required (or --kernels)")
     else:
-        result = measure(ns.model, ns.checkpoint, ns.new_tokens, ns.repeats)
+        result = measure(ns.model, ns.checkpoint, ns.new_tokens, ns.repeats, ns.dtype)
     ns.json.parent.mkdir(parents=True, exist_ok=True)
     ns.json.write_text(json.dumps(result, indent=1) + "\n")
     print(kernel_table(result["kernels"]) if ns.kernels else table(result))

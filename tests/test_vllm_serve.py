@@ -25,8 +25,10 @@ def serve_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(spon_reference_case, serve_log):
+    """Eager: this module tests the HTTP surface; `vllm serve` with torch.compile (about 100 s of tracing on two
+    cores) is tested by tests/test_batch_invariance.py."""
     with vllm_server(spon_reference_case.checkpoint, "--load-format", "spon", "--served-model-name", SERVED_NAME,
-                     "--max-model-len", "512", "--seed", "0", log_path=serve_log) as url:
+                     "--max-model-len", "512", "--seed", "0", "--enforce-eager", log_path=serve_log) as url:
         yield url
 
 

@@ -32,12 +32,11 @@ def run(checkpoint, prompts, tp: int):
             return generate_tokens(llm, prompts), llm.apply_model(spon_state)
 
 
-def test_tp2_gives_the_tokens_of_tp1(even_heads_spon_checkpoint, spon_reference_case):
-    prompts = spon_reference_case.prompts
-    tp1, _ = run(even_heads_spon_checkpoint, prompts, tp=1)
-    tp2, states = run(even_heads_spon_checkpoint, prompts, tp=2)
-    assert tp1 == spon_reference_case.tokens
-    assert tp2 == tp1
+def test_tp2_gives_the_reference_tokens(even_heads_spon_checkpoint, spon_reference_case):
+    """The reference sparse model's tokens: the 12-head copy computes the same ones, and one rank serving the
+    original gives them too (tests/test_vllm_engine.py), so two ranks give the tokens of one."""
+    tp2, states = run(even_heads_spon_checkpoint, spon_reference_case.prompts, tp=2)
+    assert tp2 == spon_reference_case.tokens
     for rank, state in enumerate(states):
         got = {name: {k: v for k, v in s.items() if k != "method"} for name, s in state.items()}
         assert got == expected_state(str(even_heads_spon_checkpoint), tp_rank=rank, tp_size=2), f"rank {rank}"
