@@ -95,6 +95,9 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step")  # calibrate settings a run may change
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench"))
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the default SPON step count")
     parser.add_argument("--hidden-weight", type=float, help="override calibrate's --hidden-weight")
     parser.add_argument("--data", help="override calibrate's --data (the calibration text)")
+    parser.add_argument("--windows-per-step", type=int, help="override calibrate's --windows-per-step")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     parser.add_argument("--quantization", choices=["none", "fp8", "fp8_per_channel"], default="none",
                         help="serve (evaluate) with this vLLM weight quantization and compare two recipes: "
@@ -129,7 +133,7 @@ def main() -> None:
                 results.append(json.loads(row_file.read_text()))
                 continue
             t0 = time.perf_counter()
-            extra = {k: v for k in ("steps", "hidden_weight", "data") if (v := getattr(ns, k)) is not None}
+            extra = {k: v for k in OVERRIDES if (v := getattr(ns, k)) is not None}
             calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
                                       eval_data=None, overwrite=True, quantization=recipe, **extra))
             seconds = time.perf_counter() - t0
