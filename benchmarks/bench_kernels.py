@@ -218,13 +218,17 @@ def finalists_of(path: Path, tokens: int = 1) -> list[ts.Config]:
 def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     """The bf16 sweep for W^T `[k, n]`, pruned by the H200 runs (kernels/NOTES.md). One token: the
     compacting kernels (`_compact_candidates`), the kept-rows kernel at the configs that won before, and the
-    one-tile GEMV at its best configs. More tokens: the tensor-core union kernel at its best H100 configs
-    (multi-token forms of the kept-rows kernel lost to it on every shape, and were removed).
-    With `--candidates-from`, one token takes that log's finalists instead."""
+    one-tile GEMV at its best configs. 2-4 tokens: the compacting kernels on the union of the kept rows and
+    the tensor-core union kernel at its best H100 configs; more tokens: the latter only.
+    With `--candidates-from`, one token takes that log's finalists instead, and 2-4 tokens its compacting ones."""
     if tokens == 1 and FINALISTS_OF is not None:
         return FINALISTS_OF
     if tokens > 1:
-        return [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
+        dot = [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
+        if tokens > ts.MAX_COMPACT_TOKENS:
+            return dot
+        compact = FINALISTS_OF if FINALISTS_OF is not None else _compact_candidates(k, n, 2)
+        return [c for c in compact if c.kind in ("compact", "compact_mma")] + dot
     out = _compact_candidates(k, n, 2) + _full_k_candidates(k, n, 2)
     for bn, nw, splits in ((512, 2, 4), (1024, 4, 4), (1024, 4, 2)):  # run 2's best
         out.append(ts.Config("rows", bn, 16, num_warps=nw, groups=16, splits=splits))

@@ -11,15 +11,17 @@ never straddles a segment, so it reads one threshold. Kernels (kernels/NOTES.md 
   launch. Each program stores its fp32 partial sums in a slot of its own (in L2); the last program of a
   column tile adds the slots in a fixed order, adds the bias and writes `y` (`_finish`): the same bits on
   every run, which float atomics, adding in arrival order, did not give.
-- `_compact_kernel` (one token, kinds "compact" and "compact_mma"): the same work in proportion to the kept
+- `_compact_kernel` (1-4 tokens, kinds "compact" and "compact_mma"): the same work in proportion to the kept
   rows, but each program compacts its block once by a scatter - kept row indices and values at their
   prefix-sum ranks into a per-device scratch (L2), then one barrier - instead of searching the prefix sum
-  for every group, and loads a group's rows with one gather. "compact" sums with FMAs, "compact_mma" on the
-  tensor cores (wgmma: W^T's rows transposed in registers as the A operand, the token as a 16-wide B).
+  for every group, and loads a group's rows with one gather. Several tokens: the rows any token keeps, each
+  read once, every token's sums from them. "compact" sums with FMAs, "compact_mma" on the tensor cores
+  (wgmma: W^T's rows transposed in registers as the A operand, the tokens as a 16-wide B).
 - `_gemv_kernel` (one token): TEAL's grid of one-tile programs, masked loads of every row of the tile,
   the same slots and finalisation.
-- `_sparse_matmul_kernel` (2-16 tokens): tokens padded to 16 on tensor cores, a row read once if any token
-  keeps it; split-K partials reduced in a fixed order by the last program of a column tile.
+- `_sparse_matmul_kernel` (any token count, kind "dot"): tokens padded to 16 on tensor cores, every row
+  tile visited, a row's bytes read once if any token keeps it; split-K partials reduced in a fixed order by
+  the last program of a column tile.
 
 The one-token kernels also take float8 weights (vLLM's fp8 quantization, W8A16: x stays 16-bit) with a
 per-tensor or per-output-channel scale, applied once to the fp32 sums by the program that finalises a tile.
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 MAX_SEGMENTS = 4  # segments one launch handles; more take one launch per segment
+MAX_COMPACT_TOKENS = 4  # tokens the compacting kernels take in one launch
 _MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
 
 
@@ -51,14 +54,15 @@ class Config:
     kind "dot" (any token count): tokens padded to 16 on tensor cores, `split_k` programs along the input
     dimension, each looping over its share in bm-row steps (`_sparse_matmul_kernel`).
 
-    kind "compact" / "compact_mma" (one token): as "rows" (bn, bm, groups, splits), but the block is compacted
-    once per program by a scatter and the groups are summed with FMAs / on the tensor cores
-    (`_compact_kernel`; float32 activations take the FMA form); num_stages > 1 pipelines the group loop.
+    kind "compact" / "compact_mma" (1 to MAX_COMPACT_TOKENS tokens): as "rows" (bn, bm, groups, splits), but the
+    block is compacted once per program by a scatter (several tokens: the rows any of them keeps, each read
+    once) and the groups are summed with FMAs / on the tensor cores (`_compact_kernel`; float32 activations
+    take the FMA form); num_stages > 1 pipelines the group loop. More tokens take "dot".
     kind "full_k" (one token): one program per column tile of bn over all of K, groups of bm kept rows,
     blocks of bm * groups inputs compacted at a time, num_stages deep (`_full_k_kernel`): no partial sums.
     """
 
-    kind: Literal["rows", "compact", "compact_mma", "full_k", "gemv", "dot"]  # more than one token always takes "dot"
+    kind: Literal["rows", "compact", "compact_mma", "full_k", "gemv", "dot"]  # one-token kinds take "dot" beyond
     bn: int
     bm: int
     split_k: int = 1
@@ -168,26 +172,39 @@ def _kept_rows_kernel(
 
 
 @triton.jit
-def _compact(x_ptr, thr, k0, K, idx_ptr, xs_ptr, base, CB: tl.constexpr, F16_RANGE: tl.constexpr):
-    """Scatter the kept inputs of block `x[k0 : k0 + CB]` to `idx/xs[base + rank]` (rank: the order among
-    the block's kept inputs; row index and value in fp32) and return (count, unscale). Every program of
-    the block writes the same values, and reads them back after the barrier (its own writes, or equal ones).
+def _compact(x_ptr, stride_x, T, thr, k0, K, idx_ptr, xs_ptr, xs_stride, base,
+             BT: tl.constexpr, CB: tl.constexpr, F16_RANGE: tl.constexpr):  # fmt: skip
+    """Scatter the kept inputs of block `x[:, k0 : k0 + CB]` to `idx/xs[base + rank]` (rank: the order among
+    the block's kept inputs; row index and value in fp32) and return (count, unscale). BT > 1 tokens (T of
+    them real): a row is kept if any token keeps it (the union: each row is read once), and token t's value
+    goes to `xs[t * xs_stride + base + rank]`, zero where that token drops the row. Every program of the
+    block writes the same values, and reads them back after the barrier (its own writes, or equal ones).
     F16_RANGE: values multiplied by the power of two that puts the block's largest kept |x| in [2^14, 2^15),
     so that they convert to float16 exactly (bf16 inputs of a float16 tensor-core product); `unscale` undoes
     it on the sums (1 otherwise)."""
     offs = k0 + tl.arange(0, CB)
-    xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-    keep = tl.abs(xv) > thr
+    if BT == 1:
+        xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        keep = tl.abs(xv) > thr
+    else:
+        offs_t = tl.arange(0, BT)
+        xv = tl.load(x_ptr + offs_t[:, None] * stride_x + offs[None, :],
+                     mask=(offs_t[:, None] < T) & (offs[None, :] < K), other=0.0).to(tl.float32)  # fmt: skip
+        xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
+        keep = tl.max(tl.abs(xv), axis=0) > 0
     csum = tl.cumsum(keep.to(tl.int32), axis=0)
     unscale = 1.0
     if F16_RANGE:
-        amax = tl.max(tl.where(keep, tl.abs(xv), 0.0), axis=0)
+        amax = tl.max(tl.where(keep, tl.abs(xv), 0.0)) if BT == 1 else tl.max(tl.max(tl.abs(xv), axis=0))
         e = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased exponent of amax
         xv = xv * ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(141 - e)
         unscale = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 141)
     dst = base + csum - 1
     tl.store(idx_ptr + dst, offs, mask=keep)
-    tl.store(xs_ptr + dst, xv, mask=keep)
+    if BT == 1:
+        tl.store(xs_ptr + dst, xv, mask=keep)
+    else:
+        tl.store(xs_ptr + offs_t[:, None] * xs_stride + dst[None, :], xv, mask=keep[None, :] & (offs_t[:, None] < T))
     tl.debug_barrier()  # the block's scatter is complete before any thread reads it back
     return tl.sum(keep.to(tl.int32), axis=0), unscale
 
@@ -204,17 +221,18 @@ def _fp8_to_f16(w):
 @triton.jit
 def _compact_kernel(
     x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr, idx_ptr, xs_ptr,
-    K, N, stride_w, end1, end2, end3,
+    K, N, stride_w, end1, end2, end3, T, stride_x, stride_y, xs_stride,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
-    MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+    MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
-    """One token: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block (`_compact`)
-    and sums every SPLITS-th group of BM kept rows with FMAs (MMA 0) or on the tensor cores (MMA 1: acc^T
-    [BN, 16] += W_rows^T [BN, BM] @ [x_rows, 0, ...] [BM, 16], the weight rows as the register operand;
-    float8 weights converted to float16, bf16/fp16 ones as they are). STAGES > 1: Triton's pipeliner keeps
-    the next groups' index and row loads in flight (through shared memory) while a group is summed.
-    Partial sums and the end as `_kept_rows_kernel`."""
+    """T <= BT tokens: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block
+    (`_compact`: the rows any token keeps) and sums every SPLITS-th group of BM kept rows with FMAs (MMA 0)
+    or on the tensor cores (MMA 1: acc^T [BN, 16] += W_rows^T [BN, BM] @ [x_rows of each token, 0, ...]
+    [BM, 16], the weight rows as the register operand; float8 weights converted to float16, bf16/fp16 ones as
+    they are). STAGES > 1: Triton's pipeliner keeps the next groups' index and row loads in flight (through
+    shared memory) while a group is summed. Partial sums and the end as `_kept_rows_kernel`, each token with
+    its own slots and arrival counters."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -224,32 +242,58 @@ def _compact_kernel(
     seg = _segment_index(pid_n * BN, end1, end2, end3)
     k0 = pid_k * CB
     base = seg * K + k0  # this block's slots in the scratch (one region per segment: own thresholds)
-    count, unscale = _compact(x_ptr, tl.load(thr_ptr + seg), k0, K, idx_ptr, xs_ptr, base, CB, F16_RANGE)
+    count, unscale = _compact(x_ptr, stride_x, T, tl.load(thr_ptr + seg), k0, K, idx_ptr, xs_ptr, xs_stride, base,
+                              BT, CB, F16_RANGE)  # fmt: skip
+    offs_t = tl.arange(0, BT)
     if MMA:
         acc2 = tl.zeros([BN, 16], dtype=tl.float32)
-        token0 = tl.arange(0, 16)[None, :] == 0
-    else:
+        col = tl.arange(0, 16)[None, :]
+    elif BT == 1:
         acc = tl.zeros([BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BT, BN], dtype=tl.float32)
     for r0 in tl.range(pid_s * BM, count, SPLITS * BM, num_stages=STAGES):
         ranks = tl.multiple_of(r0, BM) + tl.arange(0, BM)
         valid = ranks < count
         rows = tl.load(idx_ptr + base + ranks)  # unmasked (stale past count: the weight load is masked)
-        xv = tl.where(valid, tl.load(xs_ptr + base + ranks), 0.0)
+        if BT == 1:
+            xv = tl.where(valid, tl.load(xs_ptr + base + ranks), 0.0)
+        else:  # [BT, BM]; padded tokens read token 0's values and are never written out
+            xv = tl.load(xs_ptr + (offs_t[:, None] % T) * xs_stride + base + ranks[None, :])
+            xv = tl.where(valid[None, :], xv, 0.0)
         w = _load_rows(w_ptr, rows, offs_n, mask_n, stride_w, valid)
         if MMA:
             if w.dtype == tl.float8e4nv:
                 w = w.to(tl.float16) if INTERPRET else _fp8_to_f16(w)
-            xcol = tl.where(token0, xv[:, None], 0.0).to(w.dtype)
+            if BT == 1:
+                xcol = tl.where(col == 0, xv[:, None], 0.0).to(w.dtype)
+            else:
+                xcol = tl.sum(tl.where(col[None, :, :] == offs_t[:, None, None], xv[:, :, None], 0.0), axis=0)
+                xcol = xcol.to(w.dtype)
             if INTERPRET:  # the CPU interpreter multiplies the raw bits of 16-bit dot operands
                 acc2 = tl.dot(tl.trans(w.to(tl.float32)), xcol.to(tl.float32), acc2, input_precision="ieee")
             else:
                 acc2 = tl.dot(tl.trans(w), xcol, acc2)
-        else:
+        elif BT == 1:
             acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-    if MMA:
-        acc = tl.sum(tl.where(token0, acc2, 0.0), axis=1)
-    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc * unscale, pid_k * SPLITS + pid_s, pid_n, offs_n,
-            mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+        else:
+            acc += tl.sum(w.to(tl.float32)[None, :, :] * xv[:, :, None], axis=1)
+    slot = pid_k * SPLITS + pid_s
+    if BT == 1:
+        if MMA:
+            acc = tl.sum(tl.where(col == 0, acc2, 0.0), axis=1)
+        _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc * unscale, slot, pid_n, offs_n, mask_n, N,
+                SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+    else:
+        n_tiles = tl.num_programs(0)
+        for t in tl.static_range(BT):
+            if t < T:
+                if MMA:
+                    acc_t = tl.sum(tl.where(col == t, acc2, 0.0), axis=1)
+                else:
+                    acc_t = tl.sum(tl.where(offs_t[:, None] == t, acc, 0.0), axis=0)
+                _finish(part_ptr + t * SLOTS * N, cnt_ptr + t * n_tiles, bias_ptr, scale_ptr, y_ptr + t * stride_y,
+                        acc_t * unscale, slot, pid_n, offs_n, mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -431,14 +475,15 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 
 
 def compaction_scratch(device: torch.device, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compacted row indices (int32) and values (fp32) of `_compact_kernel` on `device`: MAX_SEGMENTS
-    regions of at least `k` inputs, plus slack for a block's unmasked reads past its count. Written before
-    it is read in every launch (no zeroing needed); allocated by `kernels.prepare` before graph capture."""
+    """The compacted row indices (int32 `[R]`) and values (fp32 `[MAX_COMPACT_TOKENS, R]`, a region per token)
+    of `_compact_kernel` on `device`: R holds MAX_SEGMENTS regions of at least `k` inputs, plus slack for a
+    block's unmasked reads past its count. Written before it is read in every launch (no zeroing needed);
+    allocated by `kernels.prepare` before graph capture."""
     need = MAX_SEGMENTS * max(k, _SCRATCH_K) + 8192
     scratch = _scratches.get(device)
     if scratch is None or scratch[0].numel() < need:
-        scratch = _scratches[device] = (torch.zeros(need, dtype=torch.int32, device=device),
-                                        torch.zeros(need, dtype=torch.float32, device=device))  # fmt: skip
+        values = torch.zeros(MAX_COMPACT_TOKENS, need, dtype=torch.float32, device=device)
+        scratch = _scratches[device] = (torch.zeros(need, dtype=torch.int32, device=device), values)
     return scratch
 
 
@@ -500,22 +545,25 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
             CB=config.bm * config.groups, STAGES=config.num_stages, num_warps=config.num_warps,
         )  # fmt: skip
         return
-    if config.kind in ("rows", "compact", "compact_mma", "gemv") and T == 1:
+    compact = config.kind in ("compact", "compact_mma") and T <= MAX_COMPACT_TOKENS
+    if compact or (config.kind in ("rows", "gemv") and T == 1):
         blocks = triton.cdiv(K, config.bm * (1 if config.kind == "gemv" else config.groups))
         splits = 1 if config.kind == "gemv" else min(config.splits, config.groups)
-        part = torch.empty((blocks * splits, N), dtype=torch.float32, device=x.device)  # every slot written
+        part = torch.empty((T, blocks * splits, N), dtype=torch.float32, device=x.device)  # every slot written
+        assert T * n_tiles <= cnt.numel(), f"{T} x {n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
         # unused pointers take y: a kernel never reads them
         common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, part, cnt, K, N,
                   w.stride(0), *inner)  # fmt: skip
         flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2,
                      BM=config.bm, BN=bn, SLOTS=blocks * splits, num_warps=config.num_warps)  # fmt: skip
-        if config.kind in ("compact", "compact_mma"):
+        if compact:
             idx, xs = compaction_scratch(x.device, K)
             mma = config.kind == "compact_mma" and x.dtype != torch.float32  # fp32: the FMA form
             _compact_kernel[(n_tiles, blocks, splits)](
-                *common[:8], idx, xs, *common[8:], **flags, GROUPS=config.groups, SPLITS=splits, MMA=mma,
+                *common[:8], idx, xs, *common[8:], T, x.stride(0), y.stride(0), xs.stride(0), **flags,
+                GROUPS=config.groups, SPLITS=splits, MMA=mma,
                 F16_RANGE=mma and w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16,
-                INTERPRET=x.device.type == "cpu", STAGES=config.num_stages,
+                INTERPRET=x.device.type == "cpu", STAGES=config.num_stages, BT=triton.next_power_of_2(T),
             )  # fmt: skip
         elif config.kind == "rows":
             _kept_rows_kernel[(n_tiles, blocks, splits)](*common, **flags, GROUPS=config.groups, SPLITS=splits)

@@ -85,11 +85,18 @@ def test_one_token_kernels_match_reference(dtype, segments, config):
 
 
 # (tokens, dtype, segments, bias, config): every token count, dtype and segment layout, mixed so that each
-# appears with and without bias and with and without a K split, without taking the full product.
+# appears with and without bias and with and without a K split, without taking the full product; the
+# compacting kernels (the rows any token keeps) at 2-4 tokens, padded (3) and not.
 MULTI_TOKEN_CASES = [
     (tokens, dtype, segments, (i + j) % 2 == 0, "dot" if (i + j) % 3 else "dot-split")
     for i, tokens in enumerate([2, 3, 5, 8])
     for j, (dtype, segments) in enumerate(zip(DTYPES, ["qkv", "ragged", "one"], strict=True))
+] + [
+    (tokens, dtype, segments, (i + j) % 2 == 1, config)
+    for i, tokens in enumerate([2, 3, 4])
+    for j, (dtype, segments, config) in enumerate(
+        zip(DTYPES, ["qkv", "ragged", "one"], ["compact", "compact-split", "compact_mma"], strict=True)
+    )
 ]
 
 
@@ -104,7 +111,8 @@ def test_multi_token_kernel_matches_reference(tokens, dtype, segments, bias, con
 
 
 @interpreted
-@pytest.mark.parametrize(("config", "tokens"), [*((c, 1) for c in ONE_TOKEN), ("dot", 3), ("dot-split", 6)])
+@pytest.mark.parametrize(("config", "tokens"), [*((c, 1) for c in ONE_TOKEN), ("dot", 3), ("dot-split", 6),
+                                               ("compact-split", 2), ("compact_mma", 3)])  # fmt: skip
 def test_kernels_are_exact_on_whole_numbers(config, tokens):
     """Whole-number data: the fp32 sums are exact whatever the order of the atomics, so y must equal the
     reference bit for bit (a dropped row read, a kept row missed or counted twice would show)."""
@@ -146,7 +154,7 @@ def test_launches_leave_counters_zero():
     """The arrival counters must be back to zero after every launch, or the next one finishes early."""
     ends = SEGMENTS["qkv"]
     for config, tokens in (("rows", 1), ("rows-split", 1), ("compact-split", 1), ("compact_mma", 1), ("full_k", 1),
-                           ("gemv", 1), ("dot-split", 3)):
+                           ("gemv", 1), ("dot-split", 3), ("compact-split", 3)):
         for _ in range(2):  # fresh inputs each time: a stale partial sum would show
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)
@@ -155,7 +163,7 @@ def test_launches_leave_counters_zero():
 
 
 @interpreted
-@pytest.mark.parametrize("config", ["dot", "dot-split"])
+@pytest.mark.parametrize("config", ["dot", "dot-split", "compact-split", "compact_mma"])
 def test_union_mask_reads_rows_any_token_keeps(config):
     """Tokens with disjoint surviving inputs: each token must see only its own, the rows read are the union."""
     k, ends = 64, [32]
@@ -191,7 +199,8 @@ def test_config_selection():
             config = configs.select(k, n, tokens, torch.bfloat16)
             if config is not None:
                 assert config.bn >= 16 and config.bm >= 8 and 1 <= config.split_k <= max(1, k // config.bm)
-                assert tokens == 1 or config.kind == "dot"
+                compacting = config.kind.startswith("compact") and tokens <= ts.MAX_COMPACT_TOKENS
+                assert tokens == 1 or config.kind == "dot" or compacting
     bf16, fp32 = (configs.select(576, 1536, 1, d) for d in (torch.bfloat16, torch.float32))
     if bf16 is not None:
         assert fp32.bn == max(16, bf16.bn // 2)
