@@ -2,9 +2,9 @@
 
 `benchmarks/bench_kernels.py --tune` writes `tuned_<gpu>.py` on the GPU it runs on (`gpu_slug` of the
 device name: "NVIDIA H200" -> `tuned_h200.py`): for each tuned (in, out) shape and token bucket, the config
-with the best geometric-mean time over sparsities 0/0.5/0.75, or None where it does not beat cuBLAS by 3%
-(from 4 tokens on also where it falls below 0.98x of cuBLAS at sparsity 0). The dispatch reads only the
-token count, so one CUDA graph per batch size always takes one branch.
+with the best geometric-mean time over sparsities 0/0.5/0.75, or None where that or its time at 0.5 does not
+beat cuBLAS by 3% (from 4 tokens on also where it falls below 0.98x of cuBLAS at sparsity 0). The dispatch
+reads only the token count, so one CUDA graph per batch size always takes one branch.
 A GPU without a table of its own takes `DEFAULT_GPU`'s (the H200's: the kernel design was measured there;
 run the tuning on such a GPU for a table of its own). Unseen shapes borrow the nearest tuned shape's choice
 (log distance), with split_k rescaled to keep about as many programs in flight.

@@ -2,8 +2,9 @@
 
 One-token entries from run 8 (kernels/NOTES.md, "Run 8: the same bits on every run"; `--tune --tokens 1
 --candidates-from` run 7's finalists, on the kernels with ordered partial sums instead of float atomics; down
-from run 9, the full one-token sweep of that shape), the
-other buckets kept from run 4 (None: cuBLAS). TUNED_FP8 from fp8 run 5 (ordered partial sums, run 4's
+from run 9, the full one-token sweep of that shape), the other buckets kept from run 4 (None: cuBLAS) but the
+fused gate_up at 2 tokens (runs 10-11: the compacting kernel on the union of the two tokens' rows, 1.13-1.21x
+at 50%; the other shapes lose at 2 tokens and 50%). TUNED_FP8 from fp8 run 5 (ordered partial sums, run 4's
 finalists, bf16's one-token rule): only the fused gate_up beats `torch._scaled_mm` (1.37x at 50%, 0.90x at
 0%); the other fp8 layers keep vLLM's fp8 matmul."""
 
@@ -28,7 +29,7 @@ TUNED: dict[tuple[int, int, int], Config | None] = {
     (4096, 14336, 8): None,
     (4096, 14336, 16): None,
     (4096, 28672, 1): Config(kind='compact', bn=1024, bm=8, split_k=1, num_warps=4, num_stages=3, groups=64, splits=1),
-    (4096, 28672, 2): None,
+    (4096, 28672, 2): Config(kind='compact', bn=1024, bm=8, split_k=1, num_warps=4, num_stages=3, groups=128, splits=2),
     (4096, 28672, 4): None,
     (4096, 28672, 8): None,
     (4096, 28672, 16): None,
