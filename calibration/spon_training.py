@@ -57,6 +57,8 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     # Weight of `hidden_alignment` added to the KL (0: logits only, no hidden states kept).
     hidden_weight: float = 0.0
+    # Equal rounds of steps; `train_spon`'s `between_rounds` runs after each but the last (a threshold refit).
+    rounds: int = 1
 
 
 def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -80,8 +82,14 @@ def train_spon(
     windows: torch.Tensor,
     config: TrainConfig,
     log: Callable[[str], None] = lambda _: None,
+    between_rounds: Callable[[], object] | None = None,
 ) -> list[float]:
-    """Train SPON vectors on `windows` ([N, window] token ids); leaves them on `model`, unfused."""
+    """Train SPON vectors on `windows` ([N, window] token ids); leaves them on `model`, unfused.
+
+    `between_rounds` (if given) runs after each of `config.rounds` equal rounds but the last, with the vectors in
+    place: the pipeline refits the thresholds there, so later rounds train against the thresholds the biases
+    will be served with. One optimizer and one data order run through all rounds.
+    """
     params = model.init_vectors(config.bias_space)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.steps), eta_min=config.lr / 10)
@@ -91,6 +99,7 @@ def train_spon(
     order = torch.randperm(len(windows), generator=generator)
     cursor, losses = 0, []
     hidden = config.hidden_weight > 0
+    round_ends = {config.steps * k // config.rounds for k in range(1, config.rounds)}
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"SPON training ({config.bias_space} space)", leave=False)
     for step in bar:
@@ -113,8 +122,11 @@ def train_spon(
             scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if hidden else {}))
+        if between_rounds is not None and step + 1 in round_ends:
+            between_rounds()
     what = "loss (KL + hidden term)" if hidden else "KL"
-    log(f"SPON training: {config.steps} steps in {time.perf_counter() - start:.0f} s, "
+    rounds = f" ({config.rounds} rounds, thresholds refitted between)" if round_ends and between_rounds else ""
+    log(f"SPON training: {config.steps} steps{rounds} in {time.perf_counter() - start:.0f} s, "
         f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
         if losses else "SPON training: 0 steps")
     return losses

@@ -8,6 +8,7 @@ sparsity on calibration tokens matches the target and methods can be compared at
 
 import functools
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -89,6 +90,7 @@ def fit_thresholds(
     `dense`: one pass over the dense model (TEAL). `sequential`: then `refine_passes` passes over the
     model in `mode_for_refine` (teal, or spon once biases exist), each refitting on its own activations.
     """
+    start = time.perf_counter()
     samples = collect_samples(model, windows, "dense", batch_size, per_site, seed, "dense statistics")
     thresholds = {m: samples.threshold(m, s) for m, s in module_sparsity.items()}
     model.set_thresholds(thresholds)
@@ -98,7 +100,8 @@ def fit_thresholds(
                                   f"refit {i + 1}/{passes}")
         thresholds = {m: samples.threshold(m, s) for m, s in module_sparsity.items()}
         model.set_thresholds(thresholds)
-    log(f"thresholds fitted ({stats}, refit passes: {passes}) for {len(thresholds)} modules")
+    log(f"thresholds fitted ({stats}, refit passes: {passes}) for {len(thresholds)} modules in "
+        f"{time.perf_counter() - start:.0f} s")
     return thresholds
 
 

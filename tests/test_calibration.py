@@ -116,7 +116,7 @@ def test_spon_worse_than_teal_on_the_check_writes_plain_teal(tiny_model, tmp_pat
     data.write_text(load_text(DEFAULT_CALIBRATION_DATA)[:4000])
     seen = {}
 
-    def harmful_training(model, windows, config, log):
+    def harmful_training(model, windows, config, log, between_rounds=None):
         seen["windows"] = windows
         for vector in model.init_vectors(config.bias_space):
             vector.data.fill_(3.0)
@@ -165,7 +165,7 @@ def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkey
 
     seen = {}
 
-    def record(model, windows, config, log):
+    def record(model, windows, config, log, between_rounds=None):
         seen["config"] = config
         raise pipeline.TrainingError("stop after recording the config")
 
@@ -175,6 +175,39 @@ def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkey
             model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, num_tokens=256, window=32, steps=2,
             eval_data=None, check_windows=0, hidden_weight=0.5))
     assert seen["config"].hidden_weight == 0.5
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_refit_rounds_train_later_rounds_against_refitted_thresholds(tiny_model, tmp_path, monkeypatch, rounds):
+    """--refit-rounds 2 refits the thresholds with the vectors in place halfway through training: the second
+    half's student runs other thresholds than the first half's (TEAL's own); with 1 round every step runs
+    TEAL's."""
+    from vllm_spon.calibration import pipeline
+    from vllm_spon.calibration.data import DEFAULT_CALIBRATION_DATA, load_text
+
+    data = tmp_path / "text.txt"
+    data.write_text(load_text(DEFAULT_CALIBRATION_DATA)[:4000])
+    seen: list[dict[str, float]] = []
+    train = pipeline.train_spon
+
+    def recording(model, windows, config, log, between_rounds=None):
+        forward = model.logits_and_hidden
+
+        def spy(input_ids, hidden=True):
+            if model.mode == "spon":
+                seen.append({m: float(t) for m, t in model.thresholds.items()})
+            return forward(input_ids, hidden)
+
+        monkeypatch.setattr(model, "logits_and_hidden", spy)
+        return train(model, windows, config, log, between_rounds)
+
+    monkeypatch.setattr(pipeline, "train_spon", recording)
+    output = pipeline.calibrate(pipeline.CalibrationArgs(
+        model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, data=str(data), num_tokens=256, window=32,
+        steps=4, eval_data=None, check_windows=0, refit_rounds=rounds))
+    teal = load_checkpoint(output).config.teal_thresholds
+    assert len(seen) == 4 and seen[0] == seen[1] == teal
+    assert (seen[2] == seen[3] == teal) if rounds == 1 else (seen[2] == seen[3] != teal)
 
 
 def test_builtin_mixed_interleaves_novel_code_and_prose_without_the_eval_texts():
