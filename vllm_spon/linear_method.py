@@ -88,10 +88,12 @@ class SponDenseLinearMethod(SponLinearMethod):
         layer.weight.data = layer.weight.data.t().contiguous().t()
 
     def finalize(self, layer: torch.nn.Module) -> None:
-        # One threshold for the whole layer (always so with uniform allocation): threshold in traced code,
-        # where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul) instead of a
-        # separate pass over x, and the op then sees an already-sparse input.
-        self.one_threshold = len(set(layer.spon_threshold.tolist())) == 1
+        # One threshold for the whole layer (always so with uniform allocation), on a GPU: threshold in traced
+        # code, where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul) instead of a
+        # separate pass over x, and the op then sees an already-sparse input. On the CPU the kernel compares
+        # each input with its threshold as it packs the kept ones, so a pass before it only adds work (five
+        # small ops a layer when eager) and the same bits come out either way.
+        self.presparsify = len(set(layer.spon_threshold.tolist())) == 1 and layer.weight.device.type != "cpu"
         kernels.prepare(layer.weight.device, layer.input_size_per_partition)
         if layer.weight.device.type == "cpu":  # build/load the C++ kernel now: a failure stops start-up
             cpu.load_extension()
@@ -102,7 +104,7 @@ class SponDenseLinearMethod(SponLinearMethod):
         bias = self.with_spon_bias(layer, bias)
         x2 = x.reshape(-1, x.shape[-1])
         thresholds = layer.spon_threshold
-        if self.one_threshold:
+        if self.presparsify:
             x2, thresholds = sparsify(x2, thresholds[0]), None
         y = torch.ops.spon.sparse_linear(x2, layer.weight.t(), thresholds, self.segment_ends, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
