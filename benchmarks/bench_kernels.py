@@ -201,13 +201,32 @@ def _full_k_candidates(k: int, n: int, elem_bytes: int) -> list[ts.Config]:
 
 
 FINALISTS_OF: list[ts.Config] | None = None  # --candidates-from: these instead of the full sweep
+FANINS: tuple[int, ...] = (0,)  # --fanins: the one-token sweep takes each config with each of these
 
 
-def finalists_of(path: Path, tokens: int = 1) -> list[ts.Config]:
-    """Every finalist config of a previous `--tune` log (tune.jsonl) at `tokens`, all shapes together: a
+def _slots(config: ts.Config, k: int) -> int:
+    """Partial-sum slots per column tile of a one-token config on `k` inputs (0: the kind has none)."""
+    if config.kind == "gemv":
+        return math.ceil(k / config.bm)
+    if config.kind in ("rows", "compact", "compact_mma"):
+        return math.ceil(k / (config.bm * config.groups)) * min(config.splits, config.groups)
+    return 0
+
+
+def with_fanins(configs_: list[ts.Config], k: int) -> list[ts.Config]:
+    """Each config with every FANINS value that gives its slots on `k` inputs a two-level finish (at least two
+    groups), besides its one-level form."""
+    out = []
+    for c in configs_:
+        out += [c] + [dataclasses.replace(c, fanin=f) for f in FANINS if 1 < f < _slots(c, k) and f != c.fanin]
+    return list(dict.fromkeys(out))
+
+
+def finalists_of(paths: list[Path], tokens: int = 1) -> list[ts.Config]:
+    """Every finalist config of previous `--tune` logs (tune.jsonl) at `tokens`, all shapes together: a
     re-tune after a kernel change that fits one device call (the full one-token sweep is ~1000 configs)."""
     found: dict[str, ts.Config] = {}
-    for line in path.read_text().splitlines():
+    for line in (line for path in paths for line in path.read_text().splitlines()):
         rec = json.loads(line)
         if rec.get("tokens", 1) == tokens:  # fp8 logs are one-token only
             for *_, config in rec["finalists"]:
@@ -222,7 +241,7 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     the tensor-core union kernel at its best H100 configs; more tokens: the latter only.
     With `--candidates-from`, one token takes that log's finalists instead, and 2-4 tokens its compacting ones."""
     if tokens == 1 and FINALISTS_OF is not None:
-        return FINALISTS_OF
+        return with_fanins(FINALISTS_OF, k)
     if tokens > 1:
         dot = [ts.Config("dot", bn, 32, sk, 4, ns) for bn, sk, ns in ((128, 8, 3), (256, 4, 3), (256, 16, 3))]
         if tokens > ts.MAX_COMPACT_TOKENS:
@@ -233,16 +252,17 @@ def candidates(tokens: int, k: int = 4096, n: int = 14336) -> list[ts.Config]:
     for bn, nw, splits in ((512, 2, 4), (1024, 4, 4), (1024, 4, 2)):  # run 2's best
         out.append(ts.Config("rows", bn, 16, num_warps=nw, groups=16, splits=splits))
     gemv = ((512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8))
-    return out + [ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in gemv]
+    return with_fanins(out + [ts.Config("gemv", bn, 32, num_warps=nw) for bn, nw in gemv], k)
 
 
 def fp8_candidates(k: int, n: int) -> list[ts.Config]:
     """The fp8 sweep (one byte a weight): the compacting kernels, and run 1's best GEMV and kept-rows; with
     `--candidates-from`, that log's finalists."""
     if FINALISTS_OF is not None:
-        return FINALISTS_OF
-    return [*_compact_candidates(k, n, 1), *_full_k_candidates(k, n, 1), ts.Config("gemv", 2048, 32, num_warps=4),
-            ts.Config("rows", 2048, 16, num_warps=4, groups=16, splits=4)]  # fmt: skip
+        return with_fanins(FINALISTS_OF, k)
+    return with_fanins([*_compact_candidates(k, n, 1), *_full_k_candidates(k, n, 1),
+                        ts.Config("gemv", 2048, 32, num_warps=4),
+                        ts.Config("rows", 2048, 16, num_warps=4, groups=16, splits=4)], k)  # fmt: skip
 
 
 def _compile_worker(tasks: list[tuple[int, list[int], int, ts.Config, bool]]) -> list[str]:
@@ -604,6 +624,7 @@ def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
 
 
 def main() -> None:
+    global FINALISTS_OF, FANINS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_kernels"))
     parser.add_argument("--tune", action="store_true", help="sweep configs and use the result")
@@ -613,11 +634,13 @@ def main() -> None:
                         help="token buckets --tune sweeps (the others keep the committed table's entries)")
     parser.add_argument("--no-table", action="store_true", help="--tune only, no table afterwards")
     parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    parser.add_argument("--candidates-from", type=Path, help="a previous --tune's tune.jsonl: its one-token "
-                        "finalists are the one-token sweep")  # fmt: skip
+    parser.add_argument("--candidates-from", type=Path, nargs="+", help="previous --tune logs (tune.jsonl): "
+                        "their one-token finalists are the one-token sweep")  # fmt: skip
+    parser.add_argument("--fanins", nargs="*", type=int, default=list(FANINS),
+                        help="one-token sweep: each config also with these two-level finishes (Config.fanin)")
     args = parser.parse_args()
+    FANINS = tuple(args.fanins)
     if args.candidates_from:
-        global FINALISTS_OF
         FINALISTS_OF = finalists_of(args.candidates_from)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ import triton.language as tl
 
 MAX_SEGMENTS = 4  # segments one launch handles; more take one launch per segment
 MAX_COMPACT_TOKENS = 4  # tokens the compacting kernels take in one launch
-_MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch
+_MAX_TILES = 1 << 16  # arrival counters per device: column tiles of one launch (and as many group counters)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class Config:
     take the FMA form); num_stages > 1 pipelines the group loop. More tokens take "dot".
     kind "full_k" (one token): one program per column tile of bn over all of K, groups of bm kept rows,
     blocks of bm * groups inputs compacted at a time, num_stages deep (`_full_k_kernel`): no partial sums.
+
+    fanin (the kinds with partial-sum slots but "dot"): 0, the last program of a column tile adds every
+    slot; otherwise the slots are added in groups of `fanin` first (`_finish`).
     """
 
     kind: Literal["rows", "compact", "compact_mma", "full_k", "gemv", "dot"]  # one-token kinds take "dot" beyond
@@ -70,6 +73,7 @@ class Config:
     num_stages: int = 1
     groups: int = 1
     splits: int = 1
+    fanin: int = 0
 
 
 @triton.jit
@@ -109,40 +113,76 @@ def _kept_positions(csum, ranks, CB: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, pid_n, offs_n, mask_n, N,
-            SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
-    """Store this program's fp32 partial sums `acc` in its `slot` of `part [SLOTS, N]`; the last of the SLOTS
-    programs of column tile `pid_n` adds the slots in slot order (the same bits on every run: float atomics
-    add in arrival order, which changes from run to run, and a last-bit change can flip a threshold and a
-    greedy token), applies the weight scale (fp8 weights: after accumulation, so the loop multiplies raw fp8
-    values; SCALE 0 none, 1 per tensor, 2 per output channel), adds the bias, writes y, and re-zeroes its
-    arrival counter for the next launch."""
+def _sum_slots(part_ptr, first, count, N, offs_n, mask_n, STRIDE: tl.constexpr, MAX: tl.constexpr):
+    """Slots `first, first + STRIDE, ...` of `part [SLOTS, N]`, `count <= MAX` of them, added in that order;
+    unrolled up to 64 slots, so that their loads are in flight together."""
+    total = tl.zeros([offs_n.shape[0]], dtype=tl.float32)
+    if MAX <= 64:
+        for s in tl.static_range(MAX):
+            total += tl.load(part_ptr + (first + s * STRIDE) * N + offs_n, mask=mask_n & (s < count + offs_n * 0),
+                             other=0.0, cache_modifier=".cg")  # fmt: skip
+    else:
+        for s in range(count):
+            total += tl.load(part_ptr + (first + s * STRIDE) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, pid_n, offs_n, mask_n, N,
+            SLOTS: tl.constexpr, FANIN: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+    """Store this program's fp32 partial sums `acc` in its `slot` of `part [SLOTS, N]`, and let the last of the
+    SLOTS programs of column tile `pid_n` add the slots in a fixed order (the same bits on every run: float
+    atomics add in arrival order, which changes from run to run, and a last-bit change can flip a threshold
+    and a greedy token), apply the weight scale (fp8 weights: after accumulation, so the loop multiplies raw
+    fp8 values; SCALE 0 none, 1 per tensor, 2 per output channel), add the bias and write y.
+
+    FANIN 0 (or >= SLOTS): one level, the last program reads every slot. Otherwise two levels: the last
+    program of each group of FANIN consecutive slots adds them into the group's first slot, and the last
+    group adds the groups' sums. One program reading every slot is a chain of L2 round trips at the end of
+    the launch (kernels/NOTES.md: 4 us of an fp8 layer's 8 us fixed cost with 32 slots); two levels spread
+    that over the groups' programs. Arrival counters (`cnt_ptr [tiles]`, `grp_ptr [tiles, groups]`) are
+    re-zeroed by their last reader for the next launch."""
     tl.store(part_ptr + slot * N + offs_n, acc, mask=mask_n)
     tl.debug_barrier()  # every thread's partial is stored before the release below
-    if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SLOTS - 1:
-        total = tl.zeros_like(acc)
-        if SLOTS <= 64:  # unrolled: the loads are in flight together
-            for s in tl.static_range(SLOTS):
-                total += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-        else:
-            for s in range(SLOTS):
-                total += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-        if SCALE == 1:
-            total *= tl.load(scale_ptr)
-        elif SCALE == 2:
-            total *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(cnt_ptr + pid_n, 0)
+    if FANIN == 0 or FANIN >= SLOTS:
+        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SLOTS - 1:
+            total = _sum_slots(part_ptr, 0, SLOTS, N, offs_n, mask_n, 1, SLOTS)
+            _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, HAS_BIAS, SCALE)
+    else:
+        NGROUPS: tl.constexpr = (SLOTS + FANIN - 1) // FANIN
+        first = slot // FANIN * FANIN
+        group_cnt = grp_ptr + pid_n * NGROUPS + slot // FANIN
+        if tl.atomic_add(group_cnt, 1, sem="acq_rel") == tl.minimum(FANIN, SLOTS - first) - 1:
+            group = _sum_slots(part_ptr, first, tl.minimum(FANIN, SLOTS - first), N, offs_n, mask_n, 1, FANIN)
+            tl.store(part_ptr + first * N + offs_n, group, mask=mask_n)
+            tl.store(group_cnt, 0)
+            tl.debug_barrier()  # the group's sum is stored before the release below
+            if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == NGROUPS - 1:
+                total = _sum_slots(part_ptr, 0, NGROUPS, N, offs_n, mask_n, FANIN, NGROUPS)
+                _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, HAS_BIAS, SCALE)
+
+
+@triton.jit
+def _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n,
+                HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+    """The end of `_finish`: scale and bias on the tile's fp32 sums, y written, its arrival counter re-zeroed."""
+    if SCALE == 1:
+        total *= tl.load(scale_ptr)
+    elif SCALE == 2:
+        total *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
 def _kept_rows_kernel(
-    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr,
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr, grp_ptr,
     K, N, stride_w, end1, end2, end3,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
+    FANIN: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -167,8 +207,8 @@ def _kept_rows_kernel(
         xv = tl.load(x_ptr + offs_k, mask=valid, other=0.0).to(tl.float32)
         w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, valid)
         acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc, pid_k * SPLITS + pid_s, pid_n, offs_n, mask_n, N,
-            SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+    _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc, pid_k * SPLITS + pid_s, pid_n, offs_n,
+            mask_n, N, SLOTS, FANIN, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -220,10 +260,11 @@ def _fp8_to_f16(w):
 
 @triton.jit
 def _compact_kernel(
-    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr, idx_ptr, xs_ptr,
+    x_ptr, w_ptr, thr_ptr, bias_ptr, scale_ptr, y_ptr, part_ptr, cnt_ptr, grp_ptr, idx_ptr, xs_ptr,
     K, N, stride_w, end1, end2, end3, T, stride_x, stride_y, xs_stride,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
+    FANIN: tl.constexpr,
     MMA: tl.constexpr, F16_RANGE: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     """T <= BT tokens: program (column tile, block of CB = BM * GROUPS inputs, split) compacts its block
@@ -282,8 +323,8 @@ def _compact_kernel(
     if BT == 1:
         if MMA:
             acc = tl.sum(tl.where(col == 0, acc2, 0.0), axis=1)
-        _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, acc * unscale, slot, pid_n, offs_n, mask_n, N,
-                SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+        _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc * unscale, slot, pid_n, offs_n, mask_n,
+                N, SLOTS, FANIN, HAS_BIAS, SCALE)  # fmt: skip
     else:
         n_tiles = tl.num_programs(0)
         for t in tl.static_range(BT):
@@ -292,8 +333,9 @@ def _compact_kernel(
                     acc_t = tl.sum(tl.where(col == t, acc2, 0.0), axis=1)
                 else:
                     acc_t = tl.sum(tl.where(offs_t[:, None] == t, acc, 0.0), axis=0)
-                _finish(part_ptr + t * SLOTS * N, cnt_ptr + t * n_tiles, bias_ptr, scale_ptr, y_ptr + t * stride_y,
-                        acc_t * unscale, slot, pid_n, offs_n, mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+                _finish(part_ptr + t * SLOTS * N, cnt_ptr + t * n_tiles, grp_ptr + t * n_tiles * SLOTS, bias_ptr,
+                        scale_ptr, y_ptr + t * stride_y, acc_t * unscale, slot, pid_n, offs_n, mask_n, N, SLOTS, FANIN,
+                        HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -351,6 +393,7 @@ def _gemv_kernel(
     y_ptr,
     part_ptr,
     cnt_ptr,
+    grp_ptr,
     K,
     N,
     stride_w,
@@ -362,6 +405,7 @@ def _gemv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     SLOTS: tl.constexpr,
+    FANIN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -371,8 +415,8 @@ def _gemv_kernel(
     offs_k = pid_k * BM + tl.arange(0, BM)
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     w = _load_rows(w_ptr, offs_k, offs_n, mask_n, stride_w, tl.abs(x) > thr)
-    _finish(part_ptr, cnt_ptr, bias_ptr, scale_ptr, y_ptr, tl.sum(w.to(tl.float32) * x[:, None], axis=0), pid_k,
-            pid_n, offs_n, mask_n, N, SLOTS, HAS_BIAS, SCALE)  # fmt: skip
+    _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, tl.sum(w.to(tl.float32) * x[:, None], axis=0),
+            pid_k, pid_n, offs_n, mask_n, N, SLOTS, FANIN, HAS_BIAS, SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -467,10 +511,11 @@ _SCRATCH_K = 1 << 16  # inputs per segment the compaction scratch holds by defau
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per column tile, kept zero by the kernels themselves (reset by the reducer)."""
+    """Zeroed int32 counters kept zero by the kernels themselves (reset by their last reader): `[:_MAX_TILES]`
+    one per column tile, `[_MAX_TILES:]` one per group of slots of `_finish`'s first level."""
     cnt = _counters.get(device)
     if cnt is None:
-        cnt = _counters[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+        cnt = _counters[device] = torch.zeros(2 * _MAX_TILES, dtype=torch.int32, device=device)
     return cnt
 
 
@@ -535,7 +580,7 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
     inner = [*ends[:-1], N, N, N][:3]
     n_tiles = triton.cdiv(N, bn)
     cnt = _arrival_counters(x.device)
-    assert n_tiles <= cnt.numel(), f"{n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
+    assert n_tiles <= _MAX_TILES, f"{n_tiles} column tiles exceed the {_MAX_TILES} arrival counters"
     if config.kind == "full_k" and T == 1:
         idx, xs = compaction_scratch(x.device, K)
         _full_k_kernel[(n_tiles,)](
@@ -549,18 +594,20 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
     if compact or (config.kind in ("rows", "gemv") and T == 1):
         blocks = triton.cdiv(K, config.bm * (1 if config.kind == "gemv" else config.groups))
         splits = 1 if config.kind == "gemv" else min(config.splits, config.groups)
-        part = torch.empty((T, blocks * splits, N), dtype=torch.float32, device=x.device)  # every slot written
-        assert T * n_tiles <= cnt.numel(), f"{T} x {n_tiles} column tiles exceed the {cnt.numel()} arrival counters"
+        slots = blocks * splits
+        part = torch.empty((T, slots, N), dtype=torch.float32, device=x.device)  # every slot written
+        assert T * n_tiles <= _MAX_TILES, f"{T} x {n_tiles} column tiles exceed the {_MAX_TILES} arrival counters"
+        assert config.fanin == 0 or T * n_tiles * slots <= _MAX_TILES, f"{T} x {n_tiles} x {slots} group counters"
         # unused pointers take y: a kernel never reads them
-        common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, part, cnt, K, N,
-                  w.stride(0), *inner)  # fmt: skip
+        common = (x, w, thresholds, y if bias is None else bias, y if scale is None else scale, y, part, cnt,
+                  cnt[_MAX_TILES:], K, N, w.stride(0), *inner)  # fmt: skip
         flags = dict(HAS_BIAS=bias is not None, SCALE=0 if scale is None else 1 if scale.numel() == 1 else 2,
-                     BM=config.bm, BN=bn, SLOTS=blocks * splits, num_warps=config.num_warps)  # fmt: skip
+                     BM=config.bm, BN=bn, SLOTS=slots, FANIN=config.fanin, num_warps=config.num_warps)  # fmt: skip
         if compact:
             idx, xs = compaction_scratch(x.device, K)
             mma = config.kind == "compact_mma" and x.dtype != torch.float32  # fp32: the FMA form
             _compact_kernel[(n_tiles, blocks, splits)](
-                *common[:8], idx, xs, *common[8:], T, x.stride(0), y.stride(0), xs.stride(0), **flags,
+                *common[:9], idx, xs, *common[9:], T, x.stride(0), y.stride(0), xs.stride(0), **flags,
                 GROUPS=config.groups, SPLITS=splits, MMA=mma,
                 F16_RANGE=mma and w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16,
                 INTERPRET=x.device.type == "cpu", STAGES=config.num_stages, BT=triton.next_power_of_2(T),

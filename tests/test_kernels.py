@@ -35,12 +35,16 @@ CONFIGS = {  # the kept-rows kernel (looping, and several programs per block), t
     "compact": dict(kind="compact", bn=32, bm=8, groups=4, splits=1, num_warps=1),
     "compact-split": dict(kind="compact", bn=64, bm=16, groups=4, splits=2, num_warps=2, num_stages=3),
     "compact_mma": dict(kind="compact_mma", bn=32, bm=16, groups=2, splits=2, num_warps=4),
+    # the two-level finish: 77 inputs in 5 blocks x 2 splits = 10 slots in groups of 4, 4 and 2; 5 in 2, 2, 1
+    "compact-fanin": dict(kind="compact", bn=32, bm=8, groups=2, splits=2, num_warps=1, fanin=4),
+    "gemv-fanin": dict(kind="gemv", bn=32, bm=16, fanin=2),
     "full_k": dict(kind="full_k", bn=32, bm=8, groups=4, num_stages=3, num_warps=2),
     "gemv": dict(kind="gemv", bn=32, bm=16),
     "dot": dict(kind="dot", bn=32, bm=16),
     "dot-split": dict(kind="dot", bn=32, bm=32, split_k=2),
 }
-ONE_TOKEN = ["rows", "rows-split", "compact", "compact-split", "compact_mma", "full_k", "gemv"]
+ONE_TOKEN = ["rows", "rows-split", "compact", "compact-split", "compact_mma", "compact-fanin", "full_k", "gemv",
+             "gemv-fanin"]
 SEGMENTS = {"one": [48], "qkv": [64, 96, 128], "ragged": [40, 72, 100]}  # ragged: tiles cannot align
 
 
@@ -97,7 +101,7 @@ MULTI_TOKEN_CASES = [
     for j, (dtype, segments, config) in enumerate(
         zip(DTYPES, ["qkv", "ragged", "one"], ["compact", "compact-split", "compact_mma"], strict=True)
     )
-]
+] + [(tokens, torch.float32, "qkv", True, "compact-fanin") for tokens in (2, 3)]
 
 
 @interpreted
@@ -112,7 +116,8 @@ def test_multi_token_kernel_matches_reference(tokens, dtype, segments, bias, con
 
 @interpreted
 @pytest.mark.parametrize(("config", "tokens"), [*((c, 1) for c in ONE_TOKEN), ("dot", 3), ("dot-split", 6),
-                                               ("compact-split", 2), ("compact_mma", 3)])  # fmt: skip
+                                               ("compact-split", 2), ("compact_mma", 3),
+                                               ("compact-fanin", 3)])  # fmt: skip
 def test_kernels_are_exact_on_whole_numbers(config, tokens):
     """Whole-number data: the fp32 sums are exact whatever the order of the atomics, so y must equal the
     reference bit for bit (a dropped row read, a kept row missed or counted twice would show)."""
@@ -154,7 +159,8 @@ def test_launches_leave_counters_zero():
     """The arrival counters must be back to zero after every launch, or the next one finishes early."""
     ends = SEGMENTS["qkv"]
     for config, tokens in (("rows", 1), ("rows-split", 1), ("compact-split", 1), ("compact_mma", 1), ("full_k", 1),
-                           ("gemv", 1), ("dot-split", 3), ("compact-split", 3)):
+                           ("gemv", 1), ("dot-split", 3), ("compact-split", 3), ("compact-fanin", 1),
+                           ("compact-fanin", 3), ("gemv-fanin", 1)):
         for _ in range(2):  # fresh inputs each time: a stale partial sum would show
             x, w, thr, b = _problem(tokens, 80, ends, torch.float32)
             y = _launch(x, w, thr, ends, b, config)

@@ -26,6 +26,7 @@ CONFIGS = {
     "compact_mma": dict(kind="compact_mma", bn=64, bm=16, groups=2, splits=2, num_warps=4),
     "full_k": dict(kind="full_k", bn=32, bm=16, groups=2, num_stages=2, num_warps=1),
     "gemv": dict(kind="gemv", bn=32, bm=16),
+    "compact-fanin": dict(kind="compact", bn=32, bm=8, groups=2, splits=2, num_warps=1, fanin=4),  # 10 slots
 }
 
 

@@ -16,6 +16,9 @@ KERNELS = {  # one config of each kernel, whatever the table picks
     "rows": dict(kind="rows", bn=512, bm=16, groups=8, splits=1, num_warps=2),
     "rows-split": dict(kind="rows", bn=1024, bm=16, groups=16, splits=2, num_warps=4),
     "compact": dict(kind="compact", bn=1024, bm=16, groups=16, splits=2, num_warps=4, num_stages=3),
+    # two-level finishes: 32 / 112 slots (K 4096 / 14336) in groups of 8; 128 / 448 in groups of 16
+    "compact-fanin": dict(kind="compact", bn=1024, bm=8, groups=32, splits=2, num_warps=4, num_stages=3, fanin=8),
+    "gemv-fanin": dict(kind="gemv", bn=1024, bm=32, num_warps=4, fanin=16),
     "compact_mma": dict(kind="compact_mma", bn=256, bm=64, groups=8, splits=2, num_warps=4),
     "full_k": dict(kind="full_k", bn=64, bm=64, groups=16, num_stages=3, num_warps=4),
     "gemv": dict(kind="gemv", bn=1024, bm=32, num_warps=4),
@@ -124,7 +127,7 @@ def test_torch_compile_custom_op():
         assert _rel_err(fn(x, w, thr, b), ref) < TOL[torch.bfloat16]
 
 
-FP8_KERNELS = ["rows", "rows-split", "compact", "compact_mma", "full_k", "gemv"]
+FP8_KERNELS = ["rows", "rows-split", "compact", "compact-fanin", "compact_mma", "full_k", "gemv", "gemv-fanin"]
 
 
 def _fp8_problem(k, ends, per_channel, bias=True, integers=False):
