@@ -9,6 +9,7 @@ engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its o
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/spon50 --load-format spon --json /tmp/e2e/spon50.json
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --quantization fp8 --json /tmp/e2e/fp8.json
     python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
+    python benchmarks/bench_gpu_e2e.py profile /tmp/e2e/spon50 --load-format spon --quantization fp8 --json P.json
     python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small [--tp 2]   # greedy tokens vs reference
     python benchmarks/bench_gpu_e2e.py check-fp8 --out /tmp/e2e-fp8 --json OUT.json  # the same under fp8
     python benchmarks/bench_gpu_e2e.py batch-divergence --out /tmp/e2e-div --json OUT.json  # answers vs batch
@@ -136,6 +137,36 @@ def run_engine(model: str, load_format: str, tensor_parallel_size: int = 1, quan
     timed_generate(llm, long_prompt(), 1)
     result["ttft_ms"] = statistics.median(timed_generate(llm, long_prompt(), 1) * 1e3 for _ in range(5))
     print(f"{load_format} TTFT ({prefill_tokens} tokens): {result['ttft_ms']:.1f} ms", flush=True)
+    return result
+
+
+def profile_decode(model: str, load_format: str, quantization: str | None, batch: int = 8, new_tokens: int = 64,
+                   top: int = 25) -> dict:  # fmt: skip
+    """GPU time per kernel name over `new_tokens` decode steps of `batch` requests, the engine in this process
+    (CUDA graphs replayed as vLLM runs them; CUPTI sees the kernels inside): where one engine's step goes, to
+    set beside another's. Decode only: the profile of a 1-token generate is subtracted."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model runs in this process, under the profiler
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM
+
+    llm = LLM(model, load_format=load_format, quantization=quantization, dtype="bfloat16", max_model_len=4096,
+              max_num_seqs=64, gpu_memory_utilization=0.85, seed=0)  # fmt: skip
+    prompts = [torch.randint(2, 512, (32,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(batch)]
+    timed_generate(llm, prompts, 8)
+    totals = []
+    for tokens in (1, 1 + new_tokens):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            timed_generate(llm, prompts, tokens)
+        totals.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
+    per_step = {k: ((us - totals[0].get(k, (0, 0))[0]) / new_tokens, (n - totals[0].get(k, (0, 0))[1]) / new_tokens)
+                for k, (us, n) in totals[1].items()}  # fmt: skip
+    rows = sorted(per_step.items(), key=lambda kv: -kv[1][0])
+    kernels = [{"name": k[:160], "us_per_step": us, "launches_per_step": n} for k, (us, n) in rows]
+    result = {"model": model, "load_format": load_format, "quantization": quantization, "batch": batch,
+              "step_us": sum(us for us, _ in per_step.values()), "kernels": kernels}  # fmt: skip
+    print(f"profile {load_format} {quantization}: {result['step_us']:.0f} us of GPU time a step at batch {batch}")
+    for r in result["kernels"][:top]:
+        print(f"  {r['us_per_step']:8.1f} us {r['launches_per_step']:6.1f}x  {r['name'][:110]}")
     return result
 
 
@@ -361,6 +392,12 @@ def main() -> None:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes")
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, help="prompt length of the TTFT run")
+    p = sub.add_parser("profile")
+    p.add_argument("model")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--quantization")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", type=Path, required=True)
     p = sub.add_parser("table")
     p.add_argument("json", type=Path, nargs="+")
     p = sub.add_parser("check-tokens")
@@ -382,6 +419,8 @@ def main() -> None:
                             batches=tuple(int(b) for b in ns.batches.split(",")), decode_tokens=ns.decode_tokens,
                             prefill_tokens=ns.prefill_tokens)
         ns.json.write_text(json.dumps(result, indent=1))
+    elif ns.cmd == "profile":
+        ns.json.write_text(json.dumps(profile_decode(ns.model, ns.load_format, ns.quantization, ns.batch), indent=1))
     elif ns.cmd == "table":
         print(table(ns.json))
     elif ns.cmd == "check-fp8":
