@@ -4,7 +4,7 @@
     python benchmarks/bench_kernels.py --tune --out DIR    # sweep configs first; writes DIR/tuned_<gpu>.py
     python benchmarks/bench_kernels.py --tune --tokens 1 --candidates-from OLD/tune.jsonl --out DIR
                                                            # one token, only a previous sweep's finalists
-    python benchmarks/bench_kernels.py --tune --tokens 1 --candidates-from A/tune.jsonl B/tune.jsonl \
+    python benchmarks/bench_kernels.py --tune --tokens 1 --candidates-from A/tune.jsonl B/tune.jsonl
         --fanins 0 4 8 16 --out DIR                        # each also with two-level finishes (Config.fanin)
     python benchmarks/bench_kernels.py --fp8 --out DIR     # float8 weights, one token: DIR/fp8.{md,json}
 
