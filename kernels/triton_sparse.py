@@ -147,7 +147,8 @@ def _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, p
     if FANIN == 0 or FANIN >= SLOTS:
         if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SLOTS - 1:
             total = _sum_slots(part_ptr, 0, SLOTS, N, offs_n, mask_n, 1, SLOTS)
-            _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, HAS_BIAS, SCALE)
+            _store_output(total, bias_ptr, scale_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, SCALE)
+            tl.store(cnt_ptr + pid_n, 0)
     else:
         NGROUPS: tl.constexpr = (SLOTS + FANIN - 1) // FANIN
         first = slot // FANIN * FANIN
@@ -159,13 +160,14 @@ def _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, p
             tl.debug_barrier()  # the group's sum is stored before the release below
             if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == NGROUPS - 1:
                 total = _sum_slots(part_ptr, 0, NGROUPS, N, offs_n, mask_n, FANIN, NGROUPS)
-                _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n, HAS_BIAS, SCALE)
+                _store_output(total, bias_ptr, scale_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, SCALE)
+                tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
-def _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_n,
-                HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
-    """The end of `_finish`: scale and bias on the tile's fp32 sums, y written, its arrival counter re-zeroed."""
+def _store_output(total, bias_ptr, scale_ptr, y_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):
+    """y for a column tile from its fp32 sums: the weight scale (SCALE 0 none, 1 per tensor, 2 per output
+    channel), the bias, the cast to y's dtype."""
     if SCALE == 1:
         total *= tl.load(scale_ptr)
     elif SCALE == 2:
@@ -173,7 +175,6 @@ def _write_tile(total, cnt_ptr, bias_ptr, scale_ptr, y_ptr, pid_n, offs_n, mask_
     if HAS_BIAS:
         total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
-    tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -373,14 +374,7 @@ def _full_k_kernel(
         xv = tl.where(valid, tl.load(xs_ptr + base + ranks), 0.0)
         w = _load_rows(w_ptr, rows, offs_n, mask_n, stride_w, valid)
         acc += w.to(tl.float32) * xv[:, None]
-    out = tl.sum(acc, axis=0)
-    if SCALE == 1:
-        out *= tl.load(scale_ptr)
-    elif SCALE == 2:
-        out *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    _store_output(tl.sum(acc, axis=0), bias_ptr, scale_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, SCALE)
 
 
 @triton.jit
