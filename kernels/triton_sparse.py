@@ -75,6 +75,16 @@ class Config:
     splits: int = 1
     fanin: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse what no kernel can launch (a hand-edited table, `VLLM_SPON_KERNEL_TABLE`), naming the field."""
+        powers = {"bn": self.bn, "bm": self.bm, "num_warps": self.num_warps}
+        counts = {"split_k": self.split_k, "num_stages": self.num_stages, "groups": self.groups, "splits": self.splits}
+        bad = [f"{k}={v} (a power of two)" for k, v in powers.items() if v < 1 or v & (v - 1)]
+        bad += [f"{k}={v} (at least 1)" for k, v in counts.items() if v < 1]
+        bad += [f"fanin={self.fanin} (0, or at least 2)"] if self.fanin < 0 or self.fanin == 1 else []
+        if bad:
+            raise ValueError(f"kernel config {self.kind}: {', '.join(bad)}")
+
 
 @triton.jit
 def _segment_index(n0, end1, end2, end3):

@@ -251,6 +251,25 @@ def test_a_table_written_by_the_tuning_script_replaces_the_packaged_one(tmp_path
 
 
 @interpreted
+def test_a_table_with_an_impossible_config_is_refused(tmp_path, monkeypatch):
+    """A hand-edited table is refused when read, naming the file and the field, not at a kernel launch."""
+    from vllm_spon.kernels import configs
+
+    path = tmp_path / "tuned_h200.py"
+    path.write_text("from vllm_spon.kernels.triton_sparse import Config\n"
+                    "TUNED = {(4096, 14336, 1): Config('compact', bn=1000, bm=8, fanin=-2)}\n")  # fmt: skip
+    monkeypatch.setenv(configs.TABLE_ENV, str(path))
+    configs.table_for.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=re.escape(f"{configs.TABLE_ENV}={path}: ") + r".*"
+                           r"kernel config compact: bn=1000 \(a power of two\), fanin=-2"):  # fmt: skip
+            configs.select(4096, 14336, 1, torch.bfloat16)
+    finally:
+        monkeypatch.undo()
+        configs.table_for.cache_clear()
+
+
+@interpreted
 def test_vllm_batch_invariant_mode_sends_every_token_count_to_the_dense_path(monkeypatch):
     """Under VLLM_BATCH_INVARIANT=1 vLLM's matmuls give a row the same bits in any batch; a sparse kernel at
     decode sizes would round differently from them, so no token count may take one."""
