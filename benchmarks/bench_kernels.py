@@ -206,21 +206,13 @@ FINALISTS_OF: list[ts.Config] | None = None  # --candidates-from: these instead 
 FANINS: tuple[int, ...] = (0,)  # --fanins: the one-token sweep takes each config with each of these
 
 
-def _slots(config: ts.Config, k: int) -> int:
-    """Partial-sum slots per column tile of a one-token config on `k` inputs (0: the kind has none)."""
-    if config.kind == "gemv":
-        return math.ceil(k / config.bm)
-    if config.kind in ("rows", "compact", "compact_mma"):
-        return math.ceil(k / (config.bm * config.groups)) * min(config.splits, config.groups)
-    return 0
-
-
 def with_fanins(configs_: list[ts.Config], k: int) -> list[ts.Config]:
     """Each config with every FANINS value that gives its slots on `k` inputs a two-level finish (at least two
     groups), besides its one-level form."""
     out = []
     for c in configs_:
-        out += [c] + [dataclasses.replace(c, fanin=f) for f in FANINS if 1 < f < _slots(c, k) and f != c.fanin]
+        slots = ts.partial_slots(c, k)
+        out += [c] + [dataclasses.replace(c, fanin=f) for f in FANINS if 1 < f < slots and f != c.fanin]
     return list(dict.fromkeys(out))
 
 

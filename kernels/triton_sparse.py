@@ -162,9 +162,10 @@ def _finish(part_ptr, cnt_ptr, grp_ptr, bias_ptr, scale_ptr, y_ptr, acc, slot, p
     else:
         NGROUPS: tl.constexpr = (SLOTS + FANIN - 1) // FANIN
         first = slot // FANIN * FANIN
+        size = tl.minimum(FANIN, SLOTS - first)  # the last group may be short
         group_cnt = grp_ptr + pid_n * NGROUPS + slot // FANIN
-        if tl.atomic_add(group_cnt, 1, sem="acq_rel") == tl.minimum(FANIN, SLOTS - first) - 1:
-            group = _sum_slots(part_ptr, first, tl.minimum(FANIN, SLOTS - first), N, offs_n, mask_n, 1, FANIN)
+        if tl.atomic_add(group_cnt, 1, sem="acq_rel") == size - 1:
+            group = _sum_slots(part_ptr, first, size, N, offs_n, mask_n, 1, FANIN)
             tl.store(part_ptr + first * N + offs_n, group, mask=mask_n)
             tl.store(group_cnt, 0)
             tl.debug_barrier()  # the group's sum is stored before the release below
@@ -536,6 +537,20 @@ def compaction_scratch(device: torch.device, k: int = 0) -> tuple[torch.Tensor, 
     return scratch
 
 
+def _blocks_and_splits(config: Config, k: int) -> tuple[int, int]:
+    """Input blocks and programs per block of a one-token kind with partial-sum slots on `k` inputs."""
+    blocks = triton.cdiv(k, config.bm * (1 if config.kind == "gemv" else config.groups))
+    return blocks, 1 if config.kind == "gemv" else min(config.splits, config.groups)
+
+
+def partial_slots(config: Config, k: int) -> int:
+    """Partial-sum slots per column tile of `config` on `k` inputs (`_finish`'s SLOTS; 0: a kind without)."""
+    if config.kind not in ("rows", "compact", "compact_mma", "gemv"):
+        return 0
+    blocks, splits = _blocks_and_splits(config, k)
+    return blocks * splits
+
+
 def tile_n(bn: int, segment_ends: Sequence[int]) -> int:
     """The column tile a launch uses: at most `bn`, and dividing every segment's size, so that a column tile
     never straddles two segments (it reads one threshold)."""
@@ -596,8 +611,7 @@ def _launch_one(x, w, thresholds, ends, bias, scale, config: Config, bn: int, y)
         return
     compact = config.kind in ("compact", "compact_mma") and T <= MAX_COMPACT_TOKENS
     if compact or (config.kind in ("rows", "gemv") and T == 1):
-        blocks = triton.cdiv(K, config.bm * (1 if config.kind == "gemv" else config.groups))
-        splits = 1 if config.kind == "gemv" else min(config.splits, config.groups)
+        blocks, splits = _blocks_and_splits(config, K)
         slots = blocks * splits
         part = torch.empty((T, slots, N), dtype=torch.float32, device=x.device)  # every slot written
         assert T * n_tiles <= _MAX_TILES, f"{T} x {n_tiles} column tiles exceed the {_MAX_TILES} arrival counters"
