@@ -96,7 +96,7 @@ def markdown(results: list[dict]) -> str:
 
 
 # calibrate settings a run may change
-OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step", "refit_rounds", "seed")
+OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step", "refit_rounds", "seed", "vector_decay")
 
 
 def main() -> None:
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--data", help="override calibrate's --data (the calibration text)")
     parser.add_argument("--windows-per-step", type=int, help="override calibrate's --windows-per-step")
     parser.add_argument("--refit-rounds", type=int, help="override calibrate's --refit-rounds")
+    parser.add_argument("--vector-decay", type=float, help="override calibrate's --vector-decay")
     parser.add_argument("--seed", type=int, help="override calibrate's --seed (run-to-run spread of a setting)")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     parser.add_argument("--quantization", choices=["none", "fp8", "fp8_per_channel"], default="none",

@@ -4,6 +4,8 @@ A DATA argument is one of
   - a path: a text file, or a folder whose `*.txt` / `*.md` files are read in sorted order;
   - `builtin:sense-and-sensibility`, `builtin:persuasion`: the shipped public-domain corpus;
   - `builtin:mixed`: several domains from the shipped corpus and Python's standard library (`mixed_text`);
+  - `builtin:mixed-prose`: the same domains with the novel kept at 3/4 of the characters (`mixed_text(0.75)`):
+    threshold statistics stay mostly on prose while training also sees code and other prose;
   - `python-docs`: Python's own documentation prose, from the standard library (no network);
   - `hf:NAME[:CONFIG[:SPLIT]]` or `wikitext-2`: a Hugging Face dataset (needs the network or a local cache).
 """
@@ -20,6 +22,9 @@ BUILTIN = {
     "persuasion": "persuasion.txt",
 }
 MIXED = "mixed"
+# builtin:mixed-prose: the novel's share of the characters (the code and prose pieces cut to fit).
+MIXED_PROSE = "mixed-prose"
+MIXED_PROSE_NOVEL_SHARE = 0.75
 # builtin:mixed's standard-library parts: source code (docstrings and comments included) of these modules, and
 # the prose files of a CPython install (licence, IDLE's change logs) that exist. Neither evaluation text is in
 # it: no Persuasion, and no documentation prose (python-docs, IDLE's help.html).
@@ -52,9 +57,10 @@ def load_text(spec: str) -> str:
     elif spec.startswith("hf:"):
         text = _read_hf_dataset(spec.removeprefix("hf:"))
     else:
+        builtins = ", ".join("builtin:" + k for k in [*BUILTIN, MIXED, MIXED_PROSE])
         raise DataError(
             f"DATA {spec!r} is neither an existing file or folder nor a known source; use a path, "
-            f"{', '.join('builtin:' + k for k in [*BUILTIN, MIXED])}, python-docs, or hf:NAME[:CONFIG[:SPLIT]]"
+            f"{builtins}, python-docs, or hf:NAME[:CONFIG[:SPLIT]]"
         )
     if not text.strip():
         raise DataError(f"DATA {spec!r} holds no text")
@@ -81,23 +87,49 @@ def _pieces(text: str, n: int) -> list[str]:
     return ["".join(lines[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def mixed_text() -> str:
+def _head(piece: str, fraction: float) -> str:
+    """The first lines of `piece`, up to about `fraction` of its characters (at least one line)."""
+    out, size, target = [], 0, fraction * len(piece)
+    for line in piece.splitlines(keepends=True):
+        if out and size + len(line) > target:
+            break
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+def mixed_text(novel_share: float | None = None) -> str:
     """A novel, standard-library source code and other English prose, interleaved in `MIXED_PIECES` rounds so
     that every slice of it (threshold statistics at the start, training windows, check windows at the end)
-    holds each domain: calibration that is not tuned to one kind of text."""
+    holds each domain: calibration that is not tuned to one kind of text.
+
+    Every source is whole by default (the novel about half the characters). With `novel_share` (0-1), every
+    code and prose piece is cut to its first lines, all by the same fraction, so that the novel, whole, is
+    about that share of the characters; the other domains still appear in every round, from every module.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = "\n\n".join((stdlib / f"{m}.py").read_text(encoding="utf-8") for m in MIXED_STDLIB_MODULES)
     prose = "\n\n".join((stdlib / f).read_text(encoding="utf-8") for f in MIXED_STDLIB_PROSE
                          if (stdlib / f).is_file())
-    sources = [_pieces(t, MIXED_PIECES) for t in (_read_builtin("sense-and-sensibility"), code, prose) if t]
+    novel = _pieces(_read_builtin("sense-and-sensibility"), MIXED_PIECES)
+    others = [_pieces(t, MIXED_PIECES) for t in (code, prose) if t]
+    if novel_share is not None:
+        if not 0 < novel_share <= 1:
+            raise DataError(f"novel_share must be in (0, 1], got {novel_share}")
+        budget = sum(map(len, novel)) * (1 - novel_share) / novel_share
+        fraction = min(1.0, budget / max(1, sum(len(p) for ps in others for p in ps)))
+        others = [[_head(p, fraction) for p in ps] if fraction > 0 else [] for ps in others]
+    sources = [novel, *(ps for ps in others if ps)]
     return "\n\n".join(p for round_ in itertools.zip_longest(*sources, fillvalue="") for p in round_ if p)
 
 
 def _read_builtin(name: str) -> str:
     if name == MIXED:
         return mixed_text()
+    if name == MIXED_PROSE:
+        return mixed_text(MIXED_PROSE_NOVEL_SHARE)
     if name not in BUILTIN:
-        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted([*BUILTIN, MIXED])}")
+        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted([*BUILTIN, MIXED, MIXED_PROSE])}")
     return importlib.resources.files("vllm_spon.calibration").joinpath("corpus", BUILTIN[name]).read_text()
 
 

@@ -93,6 +93,9 @@ class CalibrationArgs(BaseModel):
     hidden_weight: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="weight of a hidden-state term added to the KL "
         "loss: normalised MSE between the sparse and dense residual stream after every layer (0: logits only)")
+    vector_decay: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, description="weight of an L2 penalty on the SPON vectors added to "
+        "the loss: this times the sum of their squared norms, pulling them toward zero (plain TEAL) (0: none)")
     check_windows: int = Field(
         default=8, ge=0, description="windows at the end of --data held out of SPON training, on which the "
         "biases of layers where they hurt are dropped and plain TEAL is kept if SPON does not beat it (0: keep "
@@ -230,7 +233,7 @@ def calibrate(args: CalibrationArgs) -> Path:
         train_spon(sparse, train_windows,
                    TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed,
                                precision=args.resolved_precision(), hidden_weight=args.hidden_weight,
-                               rounds=args.refit_rounds),
+                               rounds=args.refit_rounds, vector_decay=args.vector_decay),
                    log=logger.info, between_rounds=refit)
         sparse.fuse_vectors()
         if refit is not None:

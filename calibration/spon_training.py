@@ -7,6 +7,8 @@ Input-space vectors `a` (the paper's) are added after thresholding; output-space
 linear's output. Both fuse to the same bias (`W a` or `c`), so they differ only in optimisation geometry.
 With `hidden_weight` > 0 the loss also aligns the student's residual stream with the teacher's after every
 decoder layer (the paper's representational-alignment view): a signal at every depth, not only at the logits.
+With `vector_decay` > 0 the loss also holds `vector_decay` times the sum of the vectors' squared L2 norms (an L2
+penalty toward zero, i.e. toward plain TEAL): biases that fit the calibration text less closely.
 """
 
 import math
@@ -59,6 +61,8 @@ class TrainConfig:
     hidden_weight: float = 0.0
     # Equal rounds of steps; `train_spon`'s `between_rounds` runs after each but the last (a threshold refit).
     rounds: int = 1
+    # Weight of the L2 penalty sum_v ||v||^2 over every SPON vector added to the loss (0: none).
+    vector_decay: float = 0.0
 
 
 def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -66,6 +70,11 @@ def kl_dense_to_sparse(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def vector_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over SPON vectors of their squared L2 norms, in float32."""
+    return torch.stack([p.float().pow(2).sum() for p in params]).sum()
 
 
 def hidden_alignment(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -99,6 +108,7 @@ def train_spon(
     order = torch.randperm(len(windows), generator=generator)
     cursor, losses = 0, []
     hidden = config.hidden_weight > 0
+    extra = hidden or config.vector_decay > 0  # the loss is more than the KL
     round_ends = {config.steps * k // config.rounds for k in range(1, config.rounds)}
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"SPON training ({config.bias_space} space)", leave=False)
@@ -114,6 +124,8 @@ def train_spon(
                 student, student_hidden = model.logits_and_hidden(batch, hidden)
             kl = kl_dense_to_sparse(teacher, student)
             loss = kl + config.hidden_weight * hidden_alignment(teacher_hidden, student_hidden) if hidden else kl
+            if config.vector_decay > 0:
+                loss = loss + config.vector_decay * vector_penalty(params)
         check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,12 +133,14 @@ def train_spon(
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
-        bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if hidden else {}))
+        bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if extra else {}))
         if between_rounds is not None and step + 1 in round_ends:
             between_rounds()
-    what = "loss (KL + hidden term)" if hidden else "KL"
+    what = ("loss (KL" + (" + hidden term" if hidden else "") + (" + vector decay" if config.vector_decay > 0 else "")
+            + ")" if extra else "KL")
     rounds = f" ({config.rounds} rounds, thresholds refitted between)" if round_ends and between_rounds else ""
     log(f"SPON training: {config.steps} steps{rounds} in {time.perf_counter() - start:.0f} s, "
-        f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)"
+        f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10), "
+        f"sum of squared vector norms {vector_penalty(params).item():.4g}"
         if losses else "SPON training: 0 steps")
     return losses

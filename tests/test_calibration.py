@@ -160,6 +160,31 @@ def test_hidden_weight_adds_the_hidden_state_term_to_the_kl(tiny_llama_dir):
     assert with_hidden == pytest.approx(kl_only + 2.0 * term, rel=1e-4)
 
 
+def test_vector_decay_shrinks_the_vectors_and_adds_its_penalty_to_the_loss(tiny_llama_dir):
+    """--vector-decay d adds d * sum ||v||^2 to the loss: the same training with it ends with smaller vectors
+    than without; the first step (zero vectors) has no penalty; the penalty is the sum of squared norms."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_spon.calibration.sparse_model import SparseModel
+    from vllm_spon.calibration.spon_training import TrainConfig, train_spon, vector_penalty
+
+    model = SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    model.set_thresholds(dict.fromkeys(model.linears, 0.05))
+    windows = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    norms, losses = {}, {}
+    for decay in (0.0, 1.0):
+        losses[decay] = train_spon(model, windows, TrainConfig(steps=8, vector_decay=decay))
+        norms[decay] = vector_penalty(list(model.vectors.values())).item()
+    assert norms[0.0] > 0 and norms[1.0] < 0.8 * norms[0.0]
+    assert losses[1.0][0] == pytest.approx(losses[0.0][0], rel=1e-6)  # zero vectors: no penalty yet
+    params = model.init_vectors("output")
+    with torch.no_grad():
+        for p in params:
+            p.fill_(0.01)
+    assert vector_penalty(params).item() == pytest.approx(sum(p.numel() for p in params) * 1e-4, rel=1e-5)
+
+
 def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkeypatch):
     from vllm_spon.calibration import pipeline
 
@@ -173,8 +198,8 @@ def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkey
     with pytest.raises(pipeline.TrainingError, match="stop after"):
         pipeline.calibrate(pipeline.CalibrationArgs(
             model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, num_tokens=256, window=32, steps=2,
-            eval_data=None, check_windows=0, hidden_weight=0.5))
-    assert seen["config"].hidden_weight == 0.5
+            eval_data=None, check_windows=0, hidden_weight=0.5, vector_decay=0.01))
+    assert seen["config"].hidden_weight == 0.5 and seen["config"].vector_decay == 0.01
 
 
 @pytest.mark.parametrize("rounds", [1, 2])

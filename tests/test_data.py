@@ -52,3 +52,24 @@ def test_windows_are_consecutive_and_disjoint():
     assert token_windows(tok, text, 10, None).shape == (10, 10)
     with pytest.raises(DataError, match="has 100 tokens, too short for 11 windows of 10 tokens"):
         token_windows(tok, text, 10, 11)
+
+
+def test_builtin_mixed_prose_keeps_the_novel_at_three_quarters_in_every_part():
+    """builtin:mixed-prose holds the whole novel at 3/4 of the characters, the code and prose cut to the rest,
+    and every slice (statistics from the start, check windows from the end) still holds code and the novel;
+    builtin:mixed is unchanged by the share (the novel about half)."""
+    from vllm_spon.calibration.data import MIXED_PIECES, MIXED_PROSE_NOVEL_SHARE, _pieces, mixed_text
+
+    novel = load_text("builtin:sense-and-sensibility")
+    text = load_text("builtin:mixed-prose")
+    assert MIXED_PROSE_NOVEL_SHARE == 0.75
+    assert len(novel) / len(text) == pytest.approx(0.75, abs=0.01)
+    assert all(piece in text for piece in _pieces(novel, MIXED_PIECES))  # the novel whole, in order
+    head, tail = text[:len(text) // 10], text[-len(text) // 10:]
+    for part in (head, tail):
+        assert "def " in part and "Elinor" in part
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in text and "Anne Elliot" not in text
+    assert len(novel) / len(mixed_text()) < 0.6
+    assert len(novel) / len(mixed_text(0.9)) == pytest.approx(0.9, abs=0.01)
+    with pytest.raises(DataError, match="novel_share"):
+        mixed_text(0.0)
