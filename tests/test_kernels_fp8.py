@@ -291,8 +291,7 @@ def test_fp8_method_kernel_and_inner_paths(monkeypatch):
     """Through `torch.ops.spon.fp8_linear`: on the CPU every token count takes vLLM's kernel (its second half,
     on the input thresholded and quantized by its first half in traced code) and gives what vLLM's method
     gives on the thresholded input; with the sparse kernel standing in, it receives the method's row-major
-    fp8 copy, the scale, the thresholds and the segments, and no bias: the fused bias (layer bias + SPON bias)
-    is added after the op, in traced code."""
+    fp8 copy, the scale, the thresholds, the segments and the fused bias (layer bias + SPON bias)."""
     from vllm_spon import linear_method as lm
 
     layer = _Fp8Layer([24, 8, 16], [0.5, 0.5, 0.5], per_channel=True)
@@ -304,9 +303,9 @@ def test_fp8_method_kernel_and_inner_paths(monkeypatch):
     layer_bias = torch.randn(48)
     torch.testing.assert_close(method.apply(layer, x, layer_bias), dense.apply(layer, x, layer_bias))
 
-    def kernel(x, weight_t, scale, thresholds, ends, dense):
+    def kernel(x, weight_t, scale, thresholds, ends, bias, dense):
         assert weight_t.is_contiguous() and weight_t.dtype == FP8_DTYPE
-        return sparse_linear_fp8_reference(x, weight_t, scale, thresholds, list(ends))
+        return sparse_linear_fp8_reference(x, weight_t, scale, thresholds, list(ends), bias)
 
     monkeypatch.setattr(lm, "sparse_linear_fp8", kernel)
     scale = layer.weight_scale.reshape(-1)

@@ -141,18 +141,16 @@ class SponQuantizedLinearMethod(SponLinearMethod):
         return self.apply_inner(layer, x, bias)
 
     def apply_inner(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """vLLM's quantized matmul, once per distinct threshold, on the thresholded x; plus the SPON bias."""
+        """vLLM's quantized matmul, once per distinct threshold, on the thresholded x, the fused bias (layer's
+        + SPON's) passed to it as the layer's bias: in its epilogue it costs less than an add in traced code."""
+        bias = self.with_spon_bias(layer, bias)
         outputs = [
             self.inner.apply(layer, sparsify(x, layer.spon_threshold[row]), bias)
             for row in self.threshold_rows
         ]
         if len(outputs) == 1:
-            y = outputs[0]
-        else:
-            y = torch.cat([outputs[g][..., start:end] for g, start, end in self.pieces], dim=-1)
-        if self.adds_bias:
-            y = y + layer.spon_bias
-        return y
+            return outputs[0]
+        return torch.cat([outputs[g][..., start:end] for g, start, end in self.pieces], dim=-1)
 
 
 class SponFp8LinearMethod(SponQuantizedLinearMethod):
@@ -194,24 +192,18 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
             return self.apply_inner(layer, x, bias)
         x2 = sparsify(x.reshape(-1, x.shape[-1]), layer.spon_threshold[self.threshold_rows[0]])
         x_q, x_scale = self.vllm_kernel.quantize(layer, x2)
-        y = torch.ops.spon.fp8_linear(x2, x_q, x_scale, self.name)
-        # The bias is added here, in traced code, where torch.compile fuses it into the op that reads y (the
-        # residual add and RMSNorm, SiLU-and-mul, rotary). Inside the op it cost more: vLLM's cutlass product
-        # with a bias runs its bias epilogue, about 0.9 us more a launch (H100 profile at batch 8).
-        bias = self.with_spon_bias(layer, bias)
-        y = y if bias is None else y + bias
+        y = torch.ops.spon.fp8_linear(x2, x_q, x_scale, self.with_spon_bias(layer, bias), self.name)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def decode_or_inner(self, layer: torch.nn.Module, x: torch.Tensor, x_q: torch.Tensor,
-                        x_scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The body of `torch.ops.spon.fp8_linear` for the thresholded x `[T, in]` and its quantization,
-        without the bias (`apply` adds it)."""
+    def decode_or_inner(self, layer: torch.nn.Module, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """The body of `torch.ops.spon.fp8_linear` for the thresholded x `[T, in]` and its quantization."""
         weight_t, scale = self.rows
 
         def dense(x: torch.Tensor) -> torch.Tensor:  # vLLM's product of the same x, quantized in traced code
-            return self.vllm_kernel.matmul(layer, x_q, x_scale, None, x.dtype)
+            return self.vllm_kernel.matmul(layer, x_q, x_scale, bias, x.dtype)
 
-        return sparse_linear_fp8(x, weight_t, scale, layer.spon_threshold, self.segment_ends, dense=dense)
+        return sparse_linear_fp8(x, weight_t, scale, layer.spon_threshold, self.segment_ends, bias, dense=dense)
 
 
 class VllmFp8Kernel:
@@ -263,12 +255,14 @@ def fp8_weight_rows(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 _FP8_LAYERS: dict[str, tuple[SponFp8LinearMethod, torch.nn.Module]] = {}
 
 
-def _fp8_linear(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, layer_name: str) -> torch.Tensor:
+def _fp8_linear(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
+                layer_name: str) -> torch.Tensor:  # fmt: skip
     method, layer = _FP8_LAYERS[layer_name]
-    return method.decode_or_inner(layer, x, x_q, x_scale)
+    return method.decode_or_inner(layer, x, x_q, x_scale, bias)
 
 
-def _fp8_linear_fake(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, layer_name: str) -> torch.Tensor:
+def _fp8_linear_fake(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
+                     layer_name: str) -> torch.Tensor:  # fmt: skip
     method, _ = _FP8_LAYERS[layer_name]
     return x.new_empty((x.shape[0], method.segment_ends[-1]))
 
