@@ -5,7 +5,7 @@ PY := .venv/bin/python
 ART := artifacts
 SPARSITY ?= 0.5
 
-.PHONY: setup demo test lint bench-calibration
+.PHONY: setup demo test lint bench-calibration ref-tree
 setup:
 	@bash scripts/setup.sh
 
@@ -18,3 +18,9 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# The tree of revision REV in artifacts/ref, for `scripts/gpu_e2e.sh ref artifacts/ref STAGE ...` on the GPU host
+# (carry artifacts/ref): a change and its baseline measured in one device session.
+ref-tree:
+	@test -n "$(REV)" || { echo "usage: make ref-tree REV=<commit>"; exit 2; }
+	rm -rf $(ART)/ref && mkdir -p $(ART)/ref && git archive "$(REV)" | tar -x -C $(ART)/ref

@@ -10,6 +10,7 @@ engine uses vLLM's defaults (torch.compile and CUDA graphs on) and runs in its o
     python benchmarks/bench_gpu_e2e.py engine /tmp/e2e/base --quantization fp8 --json /tmp/e2e/fp8.json
     python benchmarks/bench_gpu_e2e.py table /tmp/e2e/dense.json /tmp/e2e/spon*.json
     python benchmarks/bench_gpu_e2e.py profile /tmp/e2e/spon50 --load-format spon --quantization fp8 --json P.json
+    python benchmarks/bench_gpu_e2e.py profile-diff A.json B.json   # where two profiles' steps differ (no GPU)
     python benchmarks/bench_gpu_e2e.py check-tokens --out /tmp/e2e-small [--tp 2]   # greedy tokens vs reference
     python benchmarks/bench_gpu_e2e.py check-fp8 --out /tmp/e2e-fp8 --json OUT.json  # the same under fp8
     python benchmarks/bench_gpu_e2e.py batch-divergence --out /tmp/e2e-div --json OUT.json  # answers vs batch
@@ -26,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -168,6 +170,37 @@ def profile_decode(model: str, load_format: str, quantization: str | None, batch
     for r in result["kernels"][:top]:
         print(f"  {r['us_per_step']:8.1f} us {r['launches_per_step']:6.1f}x  {r['name'][:110]}")
     return result
+
+
+def kernel_family(name: str) -> str:
+    """A kernel's name without what differs between two engines' builds of the same kernel: a CUDA kernel's
+    template arguments past the first (`cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8`, whatever its
+    epilogue) and the fused ops in an Inductor kernel's name (its kind and index stay: `triton_red_..._3`)."""
+    if name.startswith("triton_"):
+        parts = name.split("_")
+        return f"{parts[0]}_{parts[1]}_..._{parts[-1]}"
+    head, _, rest = name.partition("<")
+    return (head + "<" + re.split(r"[<,(>]", rest)[0] if rest else head.split("(")[0]).strip()
+
+
+def profile_diff(a: dict, b: dict, top: int = 15) -> str:
+    """Two `profile` results side by side, per kernel family, largest differences first."""
+    def families(result: dict) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        for k in result["kernels"]:
+            us, n = out.get(kernel_family(k["name"]), (0.0, 0.0))
+            out[kernel_family(k["name"])] = (us + k["us_per_step"], n + k["launches_per_step"])
+        return out
+
+    fa, fb = families(a), families(b)
+    rows = sorted(set(fa) | set(fb), key=lambda f: -abs(fb.get(f, (0, 0))[0] - fa.get(f, (0, 0))[0]))
+    lines = [f"step: {a['step_us']:.0f} -> {b['step_us']:.0f} us ({b['step_us'] - a['step_us']:+.0f}) at batch "
+             f"{a['batch']} / {b['batch']}",
+             "| kernel family | A us (launches) | B us (launches) | B - A us |", "| --- | --- | --- | --- |"]
+    for f in rows[:top]:
+        (ua, na), (ub, nb) = fa.get(f, (0.0, 0.0)), fb.get(f, (0.0, 0.0))
+        lines.append(f"| {f[:80]} | {ua:.1f} ({na:g}) | {ub:.1f} ({nb:g}) | {ub - ua:+.1f} |")
+    return "\n".join(lines)
 
 
 def table(paths: list[Path]) -> str:
@@ -398,6 +431,9 @@ def main() -> None:
     p.add_argument("--quantization")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
+    p = sub.add_parser("profile-diff")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
     p = sub.add_parser("table")
     p.add_argument("json", type=Path, nargs="+")
     p = sub.add_parser("check-tokens")
@@ -421,6 +457,8 @@ def main() -> None:
         ns.json.write_text(json.dumps(result, indent=1))
     elif ns.cmd == "profile":
         ns.json.write_text(json.dumps(profile_decode(ns.model, ns.load_format, ns.quantization, ns.batch), indent=1))
+    elif ns.cmd == "profile-diff":
+        print(profile_diff(json.loads(ns.a.read_text()), json.loads(ns.b.read_text())))
     elif ns.cmd == "table":
         print(table(ns.json))
     elif ns.cmd == "check-fp8":

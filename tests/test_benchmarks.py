@@ -1,0 +1,35 @@
+"""The benchmark scripts' own logic that runs without a GPU."""
+
+import importlib.util
+
+from tests.conftest import ROOT
+
+
+def _bench_gpu_e2e():
+    spec = importlib.util.spec_from_file_location("bench_gpu_e2e", ROOT / "benchmarks" / "bench_gpu_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_diff_matches_one_kernel_across_two_builds():
+    """cutlass with another epilogue and an Inductor kernel with other fused ops are the same family, so the
+    difference lands on them; the largest difference comes first."""
+    bench = _bench_gpu_e2e()
+    gemm = "void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t, {}>>(Params)"
+    attention = "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<2>>>(Params)"
+    a = {"step_us": 200.0, "batch": 8, "kernels": [
+        {"name": gemm.format("ScaledEpilogue"), "us_per_step": 100.0, "launches_per_step": 4},
+        {"name": attention, "us_per_step": 50.0, "launches_per_step": 2},
+        {"name": "triton_red_fused_add_rms_norm_1", "us_per_step": 50.0, "launches_per_step": 2}]}
+    b = {"step_us": 230.0, "batch": 8, "kernels": [
+        {"name": gemm.format("ScaledEpilogueColumnBias"), "us_per_step": 90.0, "launches_per_step": 3},
+        {"name": gemm.format("ScaledEpilogue"), "us_per_step": 30.0, "launches_per_step": 1},
+        {"name": attention, "us_per_step": 50.0, "launches_per_step": 2},
+        {"name": "triton_red_fused_abs_add_gt_rms_norm_select_1", "us_per_step": 60.0, "launches_per_step": 2}]}
+    lines = bench.profile_diff(a, b).splitlines()
+    assert lines[0] == "step: 200 -> 230 us (+30) at batch 8 / 8"
+    assert lines[3] == "| void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8 | 100.0 (4) | 120.0 (4) | +20.0 |"
+    assert lines[4] == "| triton_red_..._1 | 50.0 (2) | 60.0 (2) | +10.0 |"
+    assert lines[5] == "| void cutlass::device_kernel<flash::enable_sm90_or_later | 50.0 (2) | 50.0 (2) | +0.0 |"
+    assert len(lines) == 6
