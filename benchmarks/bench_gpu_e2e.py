@@ -188,8 +188,9 @@ def profile_diff(a: dict, b: dict, top: int = 15) -> str:
     def families(result: dict) -> dict[str, tuple[float, float]]:
         out: dict[str, tuple[float, float]] = {}
         for k in result["kernels"]:
-            us, n = out.get(kernel_family(k["name"]), (0.0, 0.0))
-            out[kernel_family(k["name"])] = (us + k["us_per_step"], n + k["launches_per_step"])
+            family = kernel_family(k["name"])
+            us, n = out.get(family, (0.0, 0.0))
+            out[family] = (us + k["us_per_step"], n + k["launches_per_step"])
         return out
 
     fa, fb = families(a), families(b)

@@ -25,6 +25,7 @@ MIXED = "mixed"
 # builtin:mixed-prose: the novel's share of the characters (the code and prose pieces cut to fit).
 MIXED_PROSE = "mixed-prose"
 MIXED_PROSE_NOVEL_SHARE = 0.75
+BUILTIN_NAMES = (*BUILTIN, MIXED, MIXED_PROSE)  # every `builtin:NAME`
 # builtin:mixed's standard-library parts: source code (docstrings and comments included) of these modules, and
 # the prose files of a CPython install (licence, IDLE's change logs) that exist. Neither evaluation text is in
 # it: no Persuasion, and no documentation prose (python-docs, IDLE's help.html).
@@ -57,7 +58,7 @@ def load_text(spec: str) -> str:
     elif spec.startswith("hf:"):
         text = _read_hf_dataset(spec.removeprefix("hf:"))
     else:
-        builtins = ", ".join("builtin:" + k for k in [*BUILTIN, MIXED, MIXED_PROSE])
+        builtins = ", ".join("builtin:" + k for k in BUILTIN_NAMES)
         raise DataError(
             f"DATA {spec!r} is neither an existing file or folder nor a known source; use a path, "
             f"{builtins}, python-docs, or hf:NAME[:CONFIG[:SPLIT]]"
@@ -129,7 +130,7 @@ def _read_builtin(name: str) -> str:
     if name == MIXED_PROSE:
         return mixed_text(MIXED_PROSE_NOVEL_SHARE)
     if name not in BUILTIN:
-        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted([*BUILTIN, MIXED, MIXED_PROSE])}")
+        raise DataError(f"unknown builtin corpus {name!r}; choose one of {sorted(BUILTIN_NAMES)}")
     return importlib.resources.files("vllm_spon.calibration").joinpath("corpus", BUILTIN[name]).read_text()
 
 

@@ -136,8 +136,8 @@ def train_spon(
         bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if extra else {}))
         if between_rounds is not None and step + 1 in round_ends:
             between_rounds()
-    what = ("loss (KL" + (" + hidden term" if hidden else "") + (" + vector decay" if config.vector_decay > 0 else "")
-            + ")" if extra else "KL")
+    terms = ["KL"] + ["hidden term"] * hidden + ["vector decay"] * (config.vector_decay > 0)
+    what = f"loss ({' + '.join(terms)})" if extra else "KL"
     rounds = f" ({config.rounds} rounds, thresholds refitted between)" if round_ends and between_rounds else ""
     log(f"SPON training: {config.steps} steps{rounds} in {time.perf_counter() - start:.0f} s, "
         f"{what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10), "
