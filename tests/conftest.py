@@ -4,8 +4,10 @@ They live under $VLLM_SPON_TEST_CACHE (default: artifacts/test-cache in the chec
 reused when already complete, so a local re-run does not rebuild them; CI starts from a clean clone.
 """
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
                "--eval-window", "32", "--check-windows", "0"]
 CACHE = Path(os.environ.get("VLLM_SPON_TEST_CACHE", ROOT / "artifacts" / "test-cache"))
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """`benchmarks/NAME.py` as a module (the folder is scripts, not a package), for its GPU-free logic."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,12 @@
 """The benchmark scripts' own logic that runs without a GPU."""
 
-import importlib.util
-
-from tests.conftest import ROOT
-
-
-def _bench_gpu_e2e():
-    spec = importlib.util.spec_from_file_location("bench_gpu_e2e", ROOT / "benchmarks" / "bench_gpu_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_profile_diff_matches_one_kernel_across_two_builds():
     """cutlass with another epilogue and an Inductor kernel with other fused ops are the same family, so the
     difference lands on them; the largest difference comes first."""
-    bench = _bench_gpu_e2e()
+    bench = load_benchmark("bench_gpu_e2e")
     gemm = "void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t, {}>>(Params)"
     attention = "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<2>>>(Params)"
     a = {"step_us": 200.0, "batch": 8, "kernels": [

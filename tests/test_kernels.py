@@ -5,15 +5,13 @@ tests/test_kernels_gpu.py runs the same kernels compiled, at Llama shapes, on a 
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
 from tests.interpreter import INTERPRETER, interpreted, rerun_in_interpreter
 from vllm_spon.kernels import sparse_linear_reference, sparsify
-
-ROOT = Path(__file__).resolve().parents[1]
 
 if INTERPRETER:
     pytest.importorskip("triton")
@@ -219,13 +217,9 @@ def test_config_selection():
 def test_a_table_written_by_the_tuning_script_replaces_the_packaged_one(tmp_path, monkeypatch):
     """`VLLM_SPON_KERNEL_TABLE` serves what `bench_kernels.py --tune` wrote, bf16 and fp8, on any GPU name;
     a file that is not such a table is refused naming the variable and the path."""
-    import importlib.util
-
     from vllm_spon.kernels import configs
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_kernels")
     rows = ts.Config("rows", bn=256, bm=16, num_warps=2, groups=8)
     gemv = ts.Config("gemv", bn=1024, bm=32, num_warps=4)
     path = tmp_path / "tuned_b200.py"
