@@ -183,7 +183,6 @@ def _summary(model_dir: str, checkpoint: SponCheckpoint, sites: list[SponSite], 
         f"{type(m).__name__}({type(m.inner).__name__})" for m in (site.layer.quant_method for site in sites)
     )
     thresholds = [t for site in sites for t in site.layer.spon_threshold.tolist()]
-    on_scaled_mm = sum(getattr(site.layer.quant_method, "scaled_mm", None) is not None for site in sites)
     invariant = vllm_batch_invariant() and current_platform.is_cuda()
     return (
         f"SPON: {model_dir} ({checkpoint.config.layout}, base weights: {base.load_format}): "
@@ -191,8 +190,6 @@ def _summary(model_dir: str, checkpoint: SponCheckpoint, sites: list[SponSite], 
         f"({', '.join(f'{k} x{n}' for k, n in kinds.items())}) via "
         f"{', '.join(f'{k} x{n}' for k, n in methods.items())}; "
         f"{sum(t > 0 for t in thresholds)}/{len(thresholds)} segments thresholded on this rank"
-        + (f"; {on_scaled_mm} fp8 linears on torch's row-wise _scaled_mm at some token counts (the GPU table's "
-           "FP8_SCALED_MM)" if on_scaled_mm else "")
         + ("; VLLM_BATCH_INVARIANT=1: every batch size takes the dense matmul on the thresholded input (the same "
            "answer at any batch, no sparse-kernel speed-up)" if invariant else "")
     )
