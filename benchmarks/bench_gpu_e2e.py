@@ -280,7 +280,7 @@ def check_fp8(out: Path, new_tokens: int = 24) -> dict:
     from vllm_spon.kernels import configs
 
     os.environ.pop(configs.TABLE_ENV, None)  # the packaged H200 table's config below
-    configs.tables_for.cache_clear()
+    configs.table_for.cache_clear()
     if not (out / "spon50").exists():
         make_models(out, SMALL_LLAMA, [0.5], torch.bfloat16, seed=1)
     h, i, kv = SMALL_LLAMA["hidden_size"], SMALL_LLAMA["intermediate_size"], SMALL_LLAMA["num_key_value_heads"]
@@ -294,7 +294,7 @@ def check_fp8(out: Path, new_tokens: int = 24) -> dict:
     for engine, model, load_format in (("dense", "base", "auto"), ("spon_kernel", "spon50", "spon"),
                                        ("spon_vllm_matmul", "spon50", "spon")):  # fmt: skip
         os.environ[configs.TABLE_ENV] = str(out / f"{engine}_table.py") if load_format == "spon" else ""
-        configs.tables_for.cache_clear()
+        configs.table_for.cache_clear()
         linear_method._FP8_LAYERS.clear()
         llm = LLM(str(out / model), load_format=load_format, dtype="bfloat16", quantization="fp8",
                   max_model_len=512, gpu_memory_utilization=0.3)  # fmt: skip

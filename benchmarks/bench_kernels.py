@@ -351,9 +351,7 @@ def tune(cases: dict[str, Case], log, tokens_list=TOKENS) -> dict:
     return table
 
 
-def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = None,
-                scaled_mm: dict | None = None) -> None:
-    """A `tuned_<gpu>.py`: TUNED, and TUNED_FP8 / FP8_SCALED_MM (`probe_fp8_bias.py --write-table`) if given."""
+def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = None) -> None:
     lines = [
         f'"""Written by `benchmarks/bench_kernels.py --tune` on an {device} (bf16); None: cuBLAS is faster."""',
         "",
@@ -369,12 +367,6 @@ def write_table(table: dict, path: Path, device: str, fp8_table: dict | None = N
         lines += ["", "# Float8 weights, one token (`bench_kernels.py --fp8 --tune`); None: vLLM's fp8 matmul.",
                   "TUNED_FP8: dict[tuple[int, int, int], Config | None] = {"]  # fmt: skip
         lines += [f"    {key}: {value!r}," for key, value in sorted(fp8_table.items())]
-        lines.append("}")
-    if scaled_mm:
-        lines += ["", "# Float8 weights, (in, out) -> the token counts (first, last) on torch's row-wise `_scaled_mm`",
-                  "# instead of vLLM's fp8 matmul (`probe_fp8_bias.py --write-table`).",
-                  "FP8_SCALED_MM: dict[tuple[int, int], tuple[int, int]] = {"]  # fmt: skip
-        lines += [f"    {key}: {value!r}," for key, value in sorted(scaled_mm.items())]
         lines.append("}")
     path.write_text("\n".join([*lines, ""]))
 
@@ -664,7 +656,7 @@ def main() -> None:
             with open(args.out / "fp8_tune.jsonl", "w") as log:
                 table, best = tune_fp8(fcases, log)
             write_table(configs.table_for(props.name), args.out / f"tuned_{configs.gpu_slug(props.name)}.py",
-                        props.name, table, configs.tables_for(props.name).get("FP8_SCALED_MM"))  # fmt: skip
+                        props.name, table)  # fmt: skip
         with open(args.out / "fp8.jsonl", "w") as log:
             rows = measure_fp8(fcases, table, log, best)
         (args.out / "fp8.json").write_text(json.dumps({"device": props.name, "copy_tbs": copy_tbs, "rows": rows},
@@ -682,8 +674,7 @@ def main() -> None:
         committed = configs.table_for(props.name)
         table = {**committed, **table}
         write_table(table, args.out / f"tuned_{configs.gpu_slug(props.name)}.py", props.name,
-                    dict(configs.table_for(props.name, fp8=True)),
-                    configs.tables_for(props.name).get("FP8_SCALED_MM"))  # fmt: skip
+                    dict(configs.table_for(props.name, fp8=True)))  # fmt: skip
         dump_kernels(args.out / "tune_kernels.json")
         committed.clear()
         committed.update(table)

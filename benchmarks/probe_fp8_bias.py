@@ -9,12 +9,7 @@ four products on the same fp8 weights: cutlass without and with the bias, `_scal
 (per-token scales: its row-wise form, the weight scale broadcast to `[1, out]`). Timed as bench_kernels.py
 times (CUDA graph, weight copies rotated past L2). Needs vLLM (the gpu-kit) for cutlass.
 
-    python benchmarks/probe_fp8_bias.py --out DIR [--activation-scales token|tensor] [--write-table]
-
-`--write-table` (per-token scales) writes DIR/tuned_<gpu>.py: the GPU's committed table plus FP8_SCALED_MM, for
-each shape the longest run of measured token counts at which `_scaled_mm` with the bias took at most
-WIN_MARGIN of cutlass's time with it (counts between two measured ones taken as measured), which the plugin then
-runs on `_scaled_mm` (`VLLM_SPON_KERNEL_TABLE=DIR/tuned_<gpu>.py` to try it, or copy the entry into the package).
+    python benchmarks/probe_fp8_bias.py --out DIR [--activation-scales token|tensor]
 """
 
 import argparse
@@ -23,16 +18,11 @@ import math
 from pathlib import Path
 
 import torch
-
-# run as benchmarks/probe_fp8_bias.py: its folder is on sys.path
-from bench_kernels import FP8, SHAPES, Case, bench_us, write_table
-
-from vllm_spon.kernels import configs
+from bench_kernels import FP8, SHAPES, Case, bench_us  # run as benchmarks/probe_fp8_bias.py: its folder is on sys.path
 
 SHAPES_VLLM_RUNS = ("qkv 4096->6144", "o 4096->4096", "gate_up fused 4096->2x14336", "down 14336->4096")
 TOKENS = (1, 2, 4, 8, 16, 64)
 DTYPE = torch.bfloat16
-WIN_MARGIN = 0.99  # `_scaled_mm` must save at least 1% of cutlass's time to take a token count
 
 
 def products(case: Case, per_token: bool) -> dict[str, object]:
@@ -61,33 +51,11 @@ def products(case: Case, per_token: bool) -> dict[str, object]:
             "scaled_mm": scaled_mm, "scaled_mm+bias": lambda i, w: scaled_mm(i, w, case.bias)}
 
 
-def scaled_mm_spans(rows: list[dict]) -> dict[tuple[int, int], tuple[int, int]]:
-    """(in, out) -> (first, last): the longest run of consecutive measured token counts at which `_scaled_mm` with
-    the bias took at most WIN_MARGIN of cutlass's time with it; shapes with no such count are left out."""
-    spans = {}
-    for name in SHAPES_VLLM_RUNS:
-        k, ends = SHAPES[name]
-        measured = sorted((r["tokens"], r["us"]) for r in rows if r["shape"] == name)
-        runs, run = [], []
-        for tokens, us in measured:
-            if us["scaled_mm+bias"] <= WIN_MARGIN * us["cutlass+bias"]:  # NaN (refused) compares False
-                run.append(tokens)
-            else:
-                runs, run = [*runs, run], []
-        best = max([*runs, run], key=len)
-        if best:
-            spans[(k, ends[-1])] = (best[0], best[-1])
-    return spans
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--activation-scales", choices=("token", "tensor"), default="token")
-    parser.add_argument("--write-table", action="store_true", help="write DIR/tuned_<gpu>.py with FP8_SCALED_MM")
     args = parser.parse_args()
-    if args.write_table and args.activation_scales != "token":
-        parser.error("--write-table needs per-token scales (what vLLM runs where cutlass does)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in SHAPES_VLLM_RUNS:
@@ -125,12 +93,6 @@ def main() -> None:
                      f"{u['cutlass+bias'] / u['scaled_mm+bias']:.3f}x |")  # fmt: skip
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.write_table:
-        name = torch.cuda.get_device_name()
-        spans = scaled_mm_spans(rows)
-        write_table(configs.table_for(name), args.out / f"tuned_{configs.gpu_slug(name)}.py", name,
-                    dict(configs.table_for(name, fp8=True)), spans)  # fmt: skip
-        print(f"FP8_SCALED_MM: {spans}")
 
 
 if __name__ == "__main__":

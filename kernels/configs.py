@@ -40,32 +40,19 @@ def gpu_slug(device_name: str) -> str:
 
 
 @cache
-def tables_for(device_name: str) -> dict:
-    """The names the GPU model's `tuned_<gpu>.py` defines (DEFAULT_GPU's when it has none), or those of
-    `$VLLM_SPON_KERNEL_TABLE`, where set, whatever the GPU."""
+def table_for(device_name: str, fp8: bool = False) -> dict[tuple[int, int, int], Config | None]:
+    """The tuned table of a GPU model, or DEFAULT_GPU's when it has none. fp8: the table for float8 weights
+    (`TUNED_FP8`, from `bench_kernels.py --fp8`), empty where none was measured. `$VLLM_SPON_KERNEL_TABLE`,
+    where set, is read instead, whatever the GPU."""
     override = os.environ.get(TABLE_ENV)
     if override:
-        return _table_file(Path(override))
-    try:
-        return vars(importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__))
-    except ModuleNotFoundError:
-        return vars(importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__))
-
-
-def table_for(device_name: str, fp8: bool = False) -> dict[tuple[int, int, int], Config | None]:
-    """The tuned table of a GPU model. fp8: the table for float8 weights (`TUNED_FP8`, from `bench_kernels.py
-    --fp8`), empty where none was measured."""
-    tables = tables_for(device_name)
+        tables = _table_file(Path(override))
+    else:
+        try:
+            tables = vars(importlib.import_module(f".tuned_{gpu_slug(device_name)}", __package__))
+        except ModuleNotFoundError:
+            tables = vars(importlib.import_module(f".tuned_{DEFAULT_GPU}", __package__))
     return tables.get("TUNED_FP8", {}) if fp8 else tables["TUNED"]
-
-
-def fp8_scaled_mm_tokens(k: int, n: int, device: torch.device | None = None) -> tuple[int, int] | None:
-    """The token counts `(first, last)` for which vLLM-fp8 products of shape `[in k, out n]` that take no
-    sparse kernel run torch's row-wise `_scaled_mm` (the fused bias in its epilogue) instead of vLLM's fp8
-    matmul, where `benchmarks/probe_fp8_bias.py` measured it faster on this GPU (`FP8_SCALED_MM`); None: vLLM's
-    matmul at every count."""
-    tables = tables_for(DEFAULT_GPU if device is None else _device_name(device))
-    return tables.get("FP8_SCALED_MM", {}).get((k, n))
 
 
 def _table_file(path: Path) -> dict:
@@ -82,15 +69,14 @@ def _table_file(path: Path) -> dict:
 
 
 def dispatch_identity(device: torch.device) -> str:
-    """A digest of everything the dispatch reads on `device` (its tables, vLLM's batch-invariant mode).
+    """A digest of everything `select` reads on `device` (its two tables, vLLM's batch-invariant mode).
 
     Which layers take the sparse fp8 kernel is fixed when the model is built, so a graph that vLLM compiled and
     cached under one table would call layers that another table left on vLLM's matmul; the loader hashes this
     into the compile-cache key."""
     name = _device_name(device)
     tables = [sorted(table_for(name, fp8).items()) for fp8 in (False, True)]
-    scaled_mm = sorted(tables_for(name).get("FP8_SCALED_MM", {}).items())
-    return hashlib.sha256(repr((name, tables, scaled_mm, vllm_batch_invariant())).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr((name, tables, vllm_batch_invariant())).encode()).hexdigest()[:16]
 
 
 @cache

@@ -1,6 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU."""
 
-from tests.conftest import ROOT, load_benchmark
+from tests.conftest import load_benchmark
 
 
 def test_profile_diff_matches_one_kernel_across_two_builds():
@@ -24,21 +24,3 @@ def test_profile_diff_matches_one_kernel_across_two_builds():
     assert lines[4] == "| triton_red_..._1 | 50.0 (2) | 60.0 (2) | +10.0 |"
     assert lines[5] == "| void cutlass::device_kernel<flash::enable_sm90_or_later | 50.0 (2) | 50.0 (2) | +0.0 |"
     assert len(lines) == 6
-
-
-def test_the_fp8_bias_probe_sends_a_shape_to_scaled_mm_only_where_it_measured_faster(monkeypatch):
-    """`probe_fp8_bias.py --write-table`: per shape, the longest run of token counts where `_scaled_mm` with the
-    bias took at most WIN_MARGIN of cutlass's time (a refused form, NaN, never wins); none: left out."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    probe = load_benchmark("probe_fp8_bias")
-
-    def row(shape: str, tokens: int, cutlass: float, scaled_mm: float) -> dict:
-        return {"shape": shape, "tokens": tokens, "us": {"cutlass+bias": cutlass, "scaled_mm+bias": scaled_mm}}
-
-    qkv, o, fused, down = probe.SHAPES_VLLM_RUNS
-    margin = probe.WIN_MARGIN
-    rows = [row(qkv, t, 10.0, 9.0) for t in (1, 2, 4)]  # wins everywhere
-    rows += [row(o, 1, 10.0, 9.0), row(o, 2, 10.0, 11.0), row(o, 4, 10.0, 9.0), row(o, 8, 10.0, 9.0)]
-    rows += [row(fused, t, 10.0, 10.0 * margin + 0.01) for t in (1, 2)]  # inside the margin: not a win
-    rows += [row(down, 1, 10.0, float("nan")), row(down, 2, 10.0, 9.0)]
-    assert probe.scaled_mm_spans(rows) == {(4096, 6144): (1, 4), (4096, 4096): (4, 8), (14336, 4096): (2, 2)}

@@ -215,8 +215,7 @@ def test_config_selection():
 
 @interpreted
 def test_a_table_written_by_the_tuning_script_replaces_the_packaged_one(tmp_path, monkeypatch):
-    """`VLLM_SPON_KERNEL_TABLE` serves what `bench_kernels.py --tune` wrote, bf16, fp8 and the shapes on
-    `_scaled_mm`, on any GPU name;
+    """`VLLM_SPON_KERNEL_TABLE` serves what `bench_kernels.py --tune` wrote, bf16 and fp8, on any GPU name;
     a file that is not such a table is refused naming the variable and the path."""
     from vllm_spon.kernels import configs
 
@@ -224,27 +223,24 @@ def test_a_table_written_by_the_tuning_script_replaces_the_packaged_one(tmp_path
     rows = ts.Config("rows", bn=256, bm=16, num_warps=2, groups=8)
     gemv = ts.Config("gemv", bn=1024, bm=32, num_warps=4)
     path = tmp_path / "tuned_b200.py"
-    bench.write_table({(4096, 14336, 1): rows, (4096, 14336, 2): None}, path, "NVIDIA B200", {(4096, 14336, 1): gemv},
-                      {(4096, 28672): (2, 64)})  # fmt: skip
+    bench.write_table({(4096, 14336, 1): rows, (4096, 14336, 2): None}, path, "NVIDIA B200", {(4096, 14336, 1): gemv})
     monkeypatch.setenv(configs.TABLE_ENV, str(path))
-    configs.tables_for.cache_clear()
+    configs.table_for.cache_clear()
     try:
         assert configs.table_for("NVIDIA H200") == {(4096, 14336, 1): rows, (4096, 14336, 2): None}
         assert configs.select(4096, 14336, 1, torch.bfloat16) == rows
         assert configs.select(4096, 14336, 2, torch.bfloat16) is None
         assert configs.select(4096, 14336, 1, torch.bfloat16, fp8=True) == gemv
-        assert configs.fp8_scaled_mm_tokens(4096, 28672) == (2, 64)
-        assert configs.fp8_scaled_mm_tokens(4096, 14336) is None
         no_table = tmp_path / "no_table.py"
         no_table.write_text("TUNED_FP8 = {}\n")
         for bad, why in ((tmp_path / "missing.py", "cannot be read"), (no_table, "defines no TUNED")):
             monkeypatch.setenv(configs.TABLE_ENV, str(bad))
-            configs.tables_for.cache_clear()
+            configs.table_for.cache_clear()
             with pytest.raises(RuntimeError, match=re.escape(f"{configs.TABLE_ENV}={bad}: ") + why):
                 configs.select(4096, 14336, 1, torch.bfloat16)
     finally:
         monkeypatch.undo()
-        configs.tables_for.cache_clear()
+        configs.table_for.cache_clear()
     assert configs.select(4096, 14336, 1, torch.bfloat16) == configs.table_for("NVIDIA H200")[(4096, 14336, 1)]
 
 
@@ -257,14 +253,14 @@ def test_a_table_with_an_impossible_config_is_refused(tmp_path, monkeypatch):
     path.write_text("from vllm_spon.kernels.triton_sparse import Config\n"
                     "TUNED = {(4096, 14336, 1): Config('compact', bn=1000, bm=8, fanin=-2)}\n")  # fmt: skip
     monkeypatch.setenv(configs.TABLE_ENV, str(path))
-    configs.tables_for.cache_clear()
+    configs.table_for.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=re.escape(f"{configs.TABLE_ENV}={path}: ") + r".*"
                            r"kernel config compact: bn=1000 \(a power of two\), fanin=-2"):  # fmt: skip
             configs.select(4096, 14336, 1, torch.bfloat16)
     finally:
         monkeypatch.undo()
-        configs.tables_for.cache_clear()
+        configs.table_for.cache_clear()
 
 
 @interpreted

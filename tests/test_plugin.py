@@ -136,7 +136,7 @@ def test_compile_cache_key_follows_the_kernel_table(zero_spon_overlay, tmp_path,
             path = tmp_path / f"tuned_{abs(hash(table_text))}.py"
             path.write_text(table_text)
             monkeypatch.setenv(configs.TABLE_ENV, str(path))
-        configs.tables_for.cache_clear()
+        configs.table_for.cache_clear()
         vllm_config = EngineArgs(model=str(zero_spon_overlay), load_format="spon",
                                  dtype="float32").create_engine_config()  # fmt: skip
         record_compile_identity(vllm_config, zero_spon_overlay, torch.device("cpu"))
@@ -151,7 +151,7 @@ def test_compile_cache_key_follows_the_kernel_table(zero_spon_overlay, tmp_path,
         assert key(None) not in (key(on_kernel), key(off_kernel))
     finally:
         monkeypatch.delenv(configs.TABLE_ENV, raising=False)
-        configs.tables_for.cache_clear()
+        configs.table_for.cache_clear()
 
 
 def test_vllm_refuses_a_broken_overlay_before_reading_its_config(zero_spon_overlay, tmp_path):

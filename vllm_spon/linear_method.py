@@ -163,9 +163,6 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
     activation quantization stay in traced code, where torch.compile fuses them into the op that produced x,
     and the op receives x both thresholded and quantized. (With both inside the opaque op, as separate eager
     kernels, SPON-fp8 measured 0.86x of vLLM's fp8 at batch 2-64 and 0.68x of its time to first token, H200.)
-    Where the GPU's table names a shape in `FP8_SCALED_MM` (`configs.fp8_scaled_mm_tokens`), the token counts it
-    gives run torch's row-wise `_scaled_mm` on vLLM's quantized x and weight instead of vLLM's matmul: measured
-    faster there with the fused bias in its epilogue (`benchmarks/probe_fp8_bias.py`).
     Memory: the kernel reads rows of W^T (`[in, out]` row-major) while vLLM's cutlass / `_scaled_mm` need the
     other order (K contiguous for both operands of an fp8 tensor-core product), so such a layer keeps a
     second fp8 copy, one byte per weight: for Llama-3-8B with every linear on this path, about 7.0 GB.
@@ -187,10 +184,6 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
         self.name = getattr(layer, "prefix", "") or f"layer{id(layer)}"
         _FP8_LAYERS[self.name] = (self, layer)
         kernels.prepare(layer.weight.device, layer.input_size_per_partition)
-        k, n = self.rows[0].shape
-        tokens = configs.fp8_scaled_mm_tokens(k, n, layer.weight.device)
-        # torch's row-wise form wants the weight scale as a row `[1, out]`, float32
-        self.scaled_mm = None if tokens is None else (tokens, self.rows[1].expand(n).reshape(1, n).contiguous())
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -207,12 +200,7 @@ class SponFp8LinearMethod(SponQuantizedLinearMethod):
         """The body of `torch.ops.spon.fp8_linear` for the thresholded x `[T, in]` and its quantization."""
         weight_t, scale = self.rows
 
-        def dense(x: torch.Tensor) -> torch.Tensor:  # the product of the same x, quantized in traced code
-            if self.scaled_mm is not None:
-                (first, last), scale_row = self.scaled_mm
-                if first <= x_q.shape[0] <= last and x_scale.shape == (x_q.shape[0], 1):  # per-token scales
-                    return torch._scaled_mm(x_q, layer.weight, scale_a=x_scale, scale_b=scale_row, bias=bias,
-                                            out_dtype=x.dtype)  # fmt: skip
+        def dense(x: torch.Tensor) -> torch.Tensor:  # vLLM's product of the same x, quantized in traced code
             return self.vllm_kernel.matmul(layer, x_q, x_scale, bias, x.dtype)
 
         return sparse_linear_fp8(x, weight_t, scale, layer.spon_threshold, self.segment_ends, bias, dense=dense)
