@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # `vllm-spon calibrate` options that make `tiny_model` calibrate in seconds.
 # No per-layer choice (--check-windows 0): on a random model's perplexity it would keep or drop biases by chance.
-TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--eval-windows", "1",
-               "--eval-window", "32", "--check-windows", "0"]
+TINY_BUDGET = ["--sparsity", "0.5", "--num-tokens", "256", "--window", "32", "--steps", "2", "--windows-per-step",
+               "2", "--eval-windows", "1", "--eval-window", "32", "--check-windows", "0"]
 CACHE = Path(os.environ.get("VLLM_SPON_TEST_CACHE", ROOT / "artifacts" / "test-cache"))
 
 
@@ -82,7 +82,7 @@ def spon_checkpoint_dir(example_model_dir) -> Path:
     if not is_spon_checkpoint(path):
         calibrate(CalibrationArgs(
             model=example_model_dir, output=path, sparsity=0.5, layout="overlay", num_tokens=2048, window=128,
-            steps=30, lr=2e-3, eval_windows=2, overwrite=True,
+            steps=30, lr=2e-3, windows_per_step=2, eval_windows=2, overwrite=True,
         ))
     return path
 

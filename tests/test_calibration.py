@@ -10,8 +10,8 @@ import pytest
 from vllm_spon.format.checkpoint import load_checkpoint
 
 CLI = [sys.executable, "-m", "vllm_spon.cli"]
-SMALL_BUDGET = ["--num-tokens", "2048", "--window", "128", "--steps", "30", "--lr", "2e-3",
-                "--eval-windows", "2"]
+SMALL_BUDGET = ["--num-tokens", "2048", "--window", "128", "--steps", "30", "--lr", "2e-3", "--windows-per-step",
+                "2", "--eval-windows", "2"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -148,7 +148,7 @@ def test_hidden_weight_adds_the_hidden_state_term_to_the_kl(tiny_llama_dir):
     model = SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     model.set_thresholds(dict.fromkeys(model.linears, 0.05))
     windows = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
-    kl_only = train_spon(model, windows, TrainConfig(steps=1))[0]
+    kl_only = train_spon(model, windows, TrainConfig(steps=1, windows_per_step=2))[0]
     model.init_vectors("output")
     with torch.no_grad(), model.use("dense"):
         _, teacher = model.logits_and_hidden(windows)
@@ -156,7 +156,7 @@ def test_hidden_weight_adds_the_hidden_state_term_to_the_kl(tiny_llama_dir):
         _, student = model.logits_and_hidden(windows)
     term = hidden_alignment(teacher, student).item()
     assert len(teacher) == len(model.decoder_layers()) + 1 and term > 1e-4
-    with_hidden = train_spon(model, windows, TrainConfig(steps=1, hidden_weight=2.0))[0]
+    with_hidden = train_spon(model, windows, TrainConfig(steps=1, windows_per_step=2, hidden_weight=2.0))[0]
     assert with_hidden == pytest.approx(kl_only + 2.0 * term, rel=1e-4)
 
 
