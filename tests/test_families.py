@@ -133,7 +133,7 @@ def build_case(name: str, root: Path, tokenizer_from: Path) -> FamilyCase:
     model_dir = write_model(SPECS[name], root / "model", tokenizer_from)
     calibrated = calibrate(CalibrationArgs(
         model=model_dir, output=root / "calibrated", sparsity=0.5, layout="overlay", num_tokens=256, window=32,
-        steps=4, lr=1e-3, eval_data=None, check_windows=0, train_precision="fp32", device="cpu",
+        steps=4, lr=1e-3, windows_per_step=2, eval_data=None, check_windows=0, train_precision="fp32", device="cpu",
     ))
     checkpoint = load_checkpoint(calibrated)
     model = load_hf_model(model_dir)
