@@ -19,6 +19,7 @@ from tests.checkpoint_edits import claim_calibration, edit_config, edit_tensors
 from tests.conftest import TINY_BUDGET
 from vllm_spon import __version__
 from vllm_spon.calibration.handmade import write_handmade
+from vllm_spon.calibration.pipeline import CalibrationArgs
 from vllm_spon.calibration.sparse_model import sparsifiable_linears
 from vllm_spon.calibration.spon_training import TrainingError
 from vllm_spon.cli import build_parser, main
@@ -342,7 +343,8 @@ def test_every_option_is_described_with_its_default(capsys):
             assert action.help, f"{name} {action.option_strings or action.dest} has no description"
             if action.option_strings:
                 assert "(default: " in action.help or "(required)" in action.help, (name, action.option_strings)
-    assert "(default: 100)" in subparsers["calibrate"].format_help()  # CalibrationArgs' steps
+    steps = CalibrationArgs.model_fields["steps"].default
+    assert f"SPON training steps (default: {steps})" in subparsers["calibrate"].format_help()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"vllm-spon {__version__}"
