@@ -82,10 +82,12 @@ class CalibrationArgs(BaseModel):
         json_schema_extra={"cli_default": "every projection of the model's family"})
     num_tokens: int = Field(default=8192, gt=0, description="tokens for threshold statistics")
     window: int = Field(default=256, ge=16, description="tokens per calibration and training window")
-    # 300 steps of one window: better on held-out text than 100 of two (two seeds), 269-305 s in all on 2 cores (README)
-    steps: int = Field(default=300, ge=0, description="SPON training steps")
-    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="SPON training learning rate (Adam)")
-    windows_per_step: int = Field(default=1, gt=0, description="windows per SPON training step")
+    # The training defaults are TrainConfig's (one place to change them).
+    steps: int = Field(default=TrainConfig.steps, ge=0, description="SPON training steps")
+    lr: float = Field(default=TrainConfig.lr, gt=0, allow_inf_nan=False,
+                      description="SPON training learning rate (Adam)")
+    windows_per_step: int = Field(default=TrainConfig.windows_per_step, gt=0,
+                                  description="windows per SPON training step")
     refit_rounds: int = Field(
         default=1, ge=1, description="SPON training split into this many equal rounds, the thresholds refitted "
         "with the biases in place after each, so later rounds train against (nearly) the thresholds served "
