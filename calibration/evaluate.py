@@ -2,7 +2,10 @@
 
 `compare_methods` is the one measurement behind calibration's held-out check, `vllm-spon eval`, its plot and
 the accuracy benchmark: TEAL runs with its own thresholds (fitted for it), SPON with its thresholds and fused
-biases, and the fraction of the gap recovered is reported only when both ran at matched sparsity.
+biases, and the fraction of the gap recovered is reported only at matched sparsity. Where the two zero different
+fractions of the windows (SPON's biases move activations, and on text unlike the calibration text that moves
+its sparsity too), TEAL runs again with its thresholds scaled by one common factor until it zeroes what SPON
+zeroes there, and the gap is taken against that.
 """
 
 import math
@@ -18,7 +21,7 @@ from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.format.checkpoint import load_checkpoint, read_config
 from vllm_spon.format.identity import model_family
-from vllm_spon.format.schema import PerplexityReport, Quantization, SponConfig
+from vllm_spon.format.schema import MATCHED_SPARSITY, PerplexityReport, Quantization, SponConfig
 
 
 @torch.no_grad()
@@ -62,6 +65,39 @@ class EvalArgs(BaseModel):
         "--quantization Q` rounds them (dense, TEAL and SPON alike)")
 
 
+# Rescaled TEAL is matched to SPON's sparsity to within this, in at most MATCH_STEPS sparsity passes: sparsity
+# rises smoothly with log(threshold), about 0.4 per unit near 50% (half-normal |x|), the first step's guess.
+MATCH_TOLERANCE = 0.002
+MATCH_STEPS = 5
+SPARSITY_PER_LOG_THRESHOLD = 0.4
+
+
+def match_sparsity(model: SparseModel, windows: torch.Tensor, thresholds: dict[str, float], sparsity: float,
+                   target: float) -> tuple[float, float]:
+    """(scale, sparsity reached): TEAL with `thresholds` times `scale` zeroes `target` of the inputs on `windows`,
+    to within MATCH_TOLERANCE where MATCH_STEPS passes get there (the closest reached otherwise). `sparsity` is
+    what the unscaled thresholds zero there. Secant steps on log(scale), kept inside the bracket once one is
+    found (sparsity never falls as the thresholds rise). Leaves the model with the scaled thresholds."""
+    points = [(0.0, sparsity)]  # (log scale, sparsity)
+    log_scale = (target - sparsity) / SPARSITY_PER_LOG_THRESHOLD
+    for _ in range(MATCH_STEPS):
+        model.set_thresholds({m: t * math.exp(log_scale) for m, t in thresholds.items()})
+        points.append((log_scale, measure_sparsity(model, windows, "teal")[0]))
+        if abs(points[-1][1] - target) <= MATCH_TOLERANCE:
+            break
+        below = [p for p in points if p[1] < target]
+        above = [p for p in points if p[1] > target]
+        if below and above:  # interpolate between the closest points on either side
+            (x0, s0), (x1, s1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        else:  # extrapolate from the last two
+            (x0, s0), (x1, s1) = points[-2], points[-1]
+        slope = (s1 - s0) / (x1 - x0) if x1 != x0 and s1 != s0 else SPARSITY_PER_LOG_THRESHOLD
+        log_scale = x1 + (target - s1) / slope
+    log_scale, reached = min(points[1:], key=lambda p: abs(p[1] - target))
+    model.set_thresholds({m: t * math.exp(log_scale) for m, t in thresholds.items()})
+    return math.exp(log_scale), reached
+
+
 def compare_methods(
     model: SparseModel,
     windows: torch.Tensor,
@@ -72,7 +108,8 @@ def compare_methods(
 ) -> PerplexityReport:
     """Dense, TEAL (`teal_thresholds`, no biases) and the checkpoint's method (`thresholds`, plus the model's
     fused biases in mode spon) on the same windows and weights (fp8-rounded ones if the model is quantized),
-    with the sparsity each achieved there. Leaves the model with `thresholds`."""
+    with the sparsity each achieved there; where those differ by more than MATCHED_SPARSITY, TEAL again with its
+    thresholds rescaled to SPON's sparsity (`match_sparsity`). Leaves the model with `thresholds`."""
     model.set_thresholds(teal_thresholds)
     dense = perplexity(model, windows, "dense")
     teal = perplexity(model, windows, "teal")
@@ -80,9 +117,15 @@ def compare_methods(
     model.set_thresholds(thresholds)
     spon = perplexity(model, windows, method_mode)
     spon_sparsity, _ = measure_sparsity(model, windows, method_mode)
+    rescaled = {}
+    if abs(teal_sparsity - spon_sparsity) > MATCHED_SPARSITY:
+        scale, reached = match_sparsity(model, windows, teal_thresholds, teal_sparsity, spon_sparsity)
+        rescaled = {"teal_rescaled": perplexity(model, windows, "teal"), "teal_rescaled_sparsity": reached,
+                    "teal_rescaled_scale": scale}
+        model.set_thresholds(thresholds)
     return PerplexityReport(data=data, num_windows=windows.shape[0], window=windows.shape[1], dense=dense, teal=teal,
                             spon=spon, teal_sparsity=teal_sparsity, spon_sparsity=spon_sparsity,
-                            quantization=model.quantization)
+                            quantization=model.quantization, **rescaled)
 
 
 def teal_baseline(config: SponConfig) -> tuple[dict[str, float], str]:
@@ -128,6 +171,11 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
         "teal_sparsity": round(report.teal_sparsity, 4),
         "dense_ppl": round(report.dense, 3),
         "teal_ppl": round(report.teal, 3),
+        # TEAL again at SPON's sparsity (thresholds times one scale), where its own thresholds did not match it
+        **({} if report.teal_rescaled is None else {
+            "teal_rescaled_scale": round(report.teal_rescaled_scale, 4),
+            "teal_rescaled_sparsity": round(report.teal_rescaled_sparsity, 4),
+            "teal_rescaled_ppl": round(report.teal_rescaled, 3)}),
         "spon_ppl": round(report.spon, 3),
         **unquantized,
         "gap_recovered": None if recovered is None else round(recovered, 4),
@@ -165,6 +213,8 @@ def plot_checkpoint(checkpoint_dir: Path, output: Path, measured: PerplexityRepo
         title += (f"\n{source}, {report.num_windows} x {report.window} tokens of {report.data}: ppl dense "
                   f"{report.dense:.2f} / TEAL {report.teal:.2f} ({report.teal_sparsity:.3f}) / SPON {report.spon:.2f} "
                   f"({report.spon_sparsity:.3f})"
+                  + (f"; TEAL at SPON's sparsity {report.teal_rescaled:.2f} ({report.teal_rescaled_sparsity:.3f})"
+                     if report.rescaled_matched else "")
                   + (f", {recovered:.0%} of the gap recovered" if recovered is not None else ", sparsity not matched"))
     fig.suptitle(title)
     fig.tight_layout()

@@ -69,7 +69,9 @@ MATCHED_SPARSITY = 0.01
 class PerplexityReport(_Strict):
     """Dense, TEAL and SPON perplexity on the same held-out windows: TEAL with its own thresholds and no
     biases, SPON with the checkpoint's thresholds and biases (`evaluate.compare_methods` measures it, for
-    calibration's check, `eval`, its plot and the benchmarks alike)."""
+    calibration's check, `eval`, its plot and the benchmarks alike). Where TEAL's own thresholds zero a
+    different fraction of these windows than SPON's, TEAL is measured again with its thresholds scaled by one
+    common factor until it zeroes what SPON zeroes (`teal_rescaled_*`): a comparison at matched sparsity."""
 
     data: str
     num_windows: int = Field(gt=0)
@@ -80,26 +82,50 @@ class PerplexityReport(_Strict):
     teal_sparsity: float = Field(ge=0, le=1)
     spon_sparsity: float = Field(ge=0, le=1)
     quantization: Quantization = Field(default="none", description="the weights of all three, as vLLM rounds them")
+    teal_rescaled: float | None = Field(
+        default=None, gt=0, description="TEAL's perplexity with its thresholds times teal_rescaled_scale (None: not "
+        "needed, its own thresholds matched SPON's sparsity)")
+    teal_rescaled_sparsity: float | None = Field(default=None, ge=0, le=1)
+    teal_rescaled_scale: float | None = Field(default=None, gt=0)
 
     @property
     def matched(self) -> bool:
         return abs(self.teal_sparsity - self.spon_sparsity) <= MATCHED_SPARSITY
 
     @property
+    def rescaled_matched(self) -> bool:
+        return (not self.matched and self.teal_rescaled_sparsity is not None
+                and abs(self.teal_rescaled_sparsity - self.spon_sparsity) <= MATCHED_SPARSITY)
+
+    @property
+    def matched_teal(self) -> float | None:
+        """TEAL's perplexity at SPON's sparsity: with its own thresholds where they match it, else rescaled ones
+        where those do; None when neither does."""
+        if self.matched:
+            return self.teal
+        return self.teal_rescaled if self.rescaled_matched else None
+
+    @property
     def gap_recovered(self) -> float | None:
-        """(TEAL - SPON) / (TEAL - dense), only at matched sparsity and with a gap to recover."""
-        gap = self.teal - self.dense
-        return (self.teal - self.spon) / gap if self.matched and gap > 0 else None
+        """(TEAL - SPON) / (TEAL - dense) against TEAL at SPON's sparsity, only with a gap to recover."""
+        teal = self.matched_teal
+        return (teal - self.spon) / (teal - self.dense) if teal is not None and teal > self.dense else None
 
     def gap_note(self) -> str:
         """Why `gap_recovered` is what it is, in words for the user."""
-        if not self.matched:
+        teal = self.matched_teal
+        if teal is None:
             return (f"not reported: TEAL ran at sparsity {self.teal_sparsity:.3f} and SPON at "
                     f"{self.spon_sparsity:.3f} on these windows, more than {MATCHED_SPARSITY} apart")
-        if self.teal <= self.dense:
+        if teal <= self.dense:
             return "not reported: TEAL is no worse than dense here, there is no gap to recover"
-        return (f"at matched sparsity (TEAL {self.teal_sparsity:.3f}, SPON {self.spon_sparsity:.3f}): "
-                "(TEAL - SPON) / (TEAL - dense)")
+        if self.matched:
+            return (f"at matched sparsity (TEAL {self.teal_sparsity:.3f}, SPON {self.spon_sparsity:.3f}): "
+                    "(TEAL - SPON) / (TEAL - dense)")
+        return (f"at matched sparsity: TEAL's own thresholds ran at {self.teal_sparsity:.3f} (perplexity "
+                f"{self.teal:.4g}) and SPON's at {self.spon_sparsity:.3f}, so TEAL is taken with its thresholds "
+                f"times {self.teal_rescaled_scale:.4f}, at {self.teal_rescaled_sparsity:.3f} (perplexity "
+                f"{self.teal_rescaled:.4g}): (TEAL - SPON) / (TEAL - dense)")
 
 
 class SponConfig(_Strict):

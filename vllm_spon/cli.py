@@ -67,7 +67,9 @@ def _inspect(ns: argparse.Namespace) -> None:
         print(f"held-out perplexity at calibration ({report.data}, {report.num_windows} x {report.window} tokens): "
               f"dense {report.dense:.4g}; TEAL {report.teal:.4g} with TEAL's own thresholds (sparsity "
               f"{report.teal_sparsity:.3f}); SPON {report.spon:.4g} with the final thresholds and biases (sparsity "
-              f"{report.spon_sparsity:.3f}); `vllm-spon eval` measures on its own windows")
+              f"{report.spon_sparsity:.3f}); gap recovered: "
+              + (f"{report.gap_recovered:.0%}, " if report.gap_recovered is not None else "")
+              + f"{report.gap_note()}; `vllm-spon eval` measures on its own windows")
     print(checkpoint.config.model_dump_json(indent=2, exclude={"thresholds", "module_sparsity"}))
 
 
