@@ -115,8 +115,10 @@ class PerplexityReport(_Strict):
         """Why `gap_recovered` is what it is, in words for the user."""
         teal = self.matched_teal
         if teal is None:
+            rescaled = ("" if self.teal_rescaled_sparsity is None else
+                        f" (TEAL with rescaled thresholds reached only {self.teal_rescaled_sparsity:.3f})")
             return (f"not reported: TEAL ran at sparsity {self.teal_sparsity:.3f} and SPON at "
-                    f"{self.spon_sparsity:.3f} on these windows, more than {MATCHED_SPARSITY} apart")
+                    f"{self.spon_sparsity:.3f} on these windows, more than {MATCHED_SPARSITY} apart{rescaled}")
         if teal <= self.dense:
             return "not reported: TEAL is no worse than dense here, there is no gap to recover"
         if self.matched:

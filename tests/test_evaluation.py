@@ -37,7 +37,7 @@ def test_gap_against_rescaled_teal_only_where_the_rescale_reached_spons_sparsity
     assert rescaled.gap_recovered == pytest.approx((70 - 50) / (70 - 40))
     assert "times 1.0400, at 0.506" in rescaled.gap_note() and "ran at 0.490" in rescaled.gap_note()
     missed = rescaled.model_copy(update={"teal_rescaled_sparsity": 0.52})
-    assert missed.gap_recovered is None and "more than 0.01 apart" in missed.gap_note()
+    assert missed.gap_recovered is None and "more than 0.01 apart (TEAL with rescaled" in missed.gap_note()
     # TEAL's own thresholds matched: the rescale is not needed and not used
     assert report(0.50, 0.505).model_copy(update={"teal_rescaled": 99.0}).gap_recovered == pytest.approx(0.5)
 
