@@ -95,8 +95,9 @@ class SponDenseLinearMethod(SponLinearMethod):
         # small ops a layer when eager) and the same bits come out either way.
         self.presparsify = len(set(layer.spon_threshold.tolist())) == 1 and layer.weight.device.type != "cpu"
         kernels.prepare(layer.weight.device, layer.input_size_per_partition)
-        if layer.weight.device.type == "cpu":  # build/load the C++ kernel now: a failure stops start-up
-            cpu.load_extension()
+        # On the CPU the C++ op itself (one kernel for every token count, nothing to choose in Python), built or
+        # loaded now so that a failure stops start-up; elsewhere the custom op that picks a kernel per call.
+        self.op = cpu.load_extension() if layer.weight.device.type == "cpu" else torch.ops.spon.sparse_linear
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -106,7 +107,7 @@ class SponDenseLinearMethod(SponLinearMethod):
         thresholds = layer.spon_threshold
         if self.presparsify:
             x2, thresholds = sparsify(x2, thresholds[0]), None
-        y = torch.ops.spon.sparse_linear(x2, layer.weight.t(), thresholds, self.segment_ends, bias)
+        y = self.op(x2, layer.weight.t(), thresholds, self.segment_ends, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
