@@ -13,8 +13,9 @@ cache hits): prefill runs the same CPU kernel as decode (kernels/cpu.py), over t
 
 `--kernels` times the op alone instead, at the example model's shapes: `vllm_spon.kernels.sparse_linear` on an
 input thresholded at 50% against the layer vLLM's dense CPU path builds (`dispatch_cpu_unquantized_gemm`:
-oneDNN with a prepacked weight, or its AMX kernel for 16-bit weights), weights rotated through 64 MB of copies
-so that every call reads them from memory, as in decode.
+oneDNN with a prepacked weight, or its AMX kernel for 16-bit weights), weights rotated through copies of twice
+the last-level cache so that every call reads them from memory, as in decode, and on as many threads as vLLM's
+CPU worker computes with: it keeps one core of the node for its scheduler (2 cores: one thread).
 """
 
 import argparse
@@ -104,6 +105,23 @@ def measure(model: Path, checkpoint: Path, new_tokens: int, repeats: int, dtype:
     }
 
 
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of CPU 0's last-level cache (Linux sysfs), or `default` where it cannot be read."""
+    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
+    try:
+        size = caches[-1].read_text().strip()
+    except (IndexError, OSError):
+        return default
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def worker_threads() -> int:
+    """Threads vLLM's CPU worker computes with by default: the cores it may run on but one, which its OpenMP
+    binding leaves to the engine's scheduler process (`VLLM_CPU_OMP_THREADS_BIND=auto`)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 KERNEL_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 KERNEL_TOKENS = (1, 4, 32, 256)
 
@@ -142,10 +160,13 @@ def measure_kernels(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bflo
     from vllm_spon.kernels import sparsify
 
     gen = torch.Generator().manual_seed(0)
+    rotation = 2 * last_level_cache_bytes()
+    torch.set_num_threads(worker_threads())
+    print(f"{torch.get_num_threads()} threads, weights rotated through {rotation / 2**20:.0f} MB", flush=True)
     rows = []
     for dtype in dtypes:
         for name, (k, n) in KERNEL_SHAPES.items():
-            copies = max(2, int(64e6 // (k * n * dtype.itemsize)))
+            copies = max(2, int(rotation // (k * n * dtype.itemsize)))
             layers = []
             for _ in range(copies):
                 layer = torch.nn.Module()
@@ -201,7 +222,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="time the op alone at the example model's shapes")
     ns = parser.parse_args()
     if ns.kernels:
-        result = {"machine": machine(), "kernels": measure_kernels()}
+        result = {"machine": machine(), "threads": worker_threads(), "kernels": measure_kernels()}
     elif ns.model is None or ns.checkpoint is None:
         parser.error("--model and --checkpoint are required (or --kernels)")
     else:
