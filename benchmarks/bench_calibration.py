@@ -106,7 +106,7 @@ def markdown(results: list[dict]) -> str:
 
 
 # calibrate settings a run may change
-OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step", "refit_rounds", "seed", "vector_decay")
+OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step", "refit_rounds", "seed", "vector_decay", "allocation")
 
 
 def main() -> None:
@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--refit-rounds", type=int, help="override calibrate's --refit-rounds")
     parser.add_argument("--vector-decay", type=float, help="override calibrate's --vector-decay")
     parser.add_argument("--seed", type=int, help="override calibrate's --seed (run-to-run spread of a setting)")
+    parser.add_argument("--allocation", choices=["uniform", "greedy"],
+                        help="override calibrate's --allocation (TEAL's own thresholds follow the same allocation)")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     parser.add_argument("--reevaluate", action="store_true",
                         help="measure the checkpoints of sparsities already calibrated again, without recalibrating")

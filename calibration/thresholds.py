@@ -27,6 +27,7 @@ class SiteSamples:
         self.per_batch = max(1, math.ceil(per_site / num_batches))
         self.generator = torch.Generator().manual_seed(seed)
         self.samples: dict[str, list[torch.Tensor]] = {}
+        self._sorted: dict[str, torch.Tensor] = {}  # per site, built on first use: thresholds are then lookups
         self._seen: set[tuple[str, int]] = set()
 
     def observe(self, module: str, x: torch.Tensor) -> None:
@@ -39,17 +40,22 @@ class SiteSamples:
         n = min(self.per_batch, flat.numel())
         idx = torch.randint(flat.numel(), (n,), generator=self.generator).to(flat.device)
         self.samples.setdefault(site, []).append(flat[idx].abs().float().cpu())
+        self._sorted.pop(site, None)
 
     def end_batch(self) -> None:
         self._seen.clear()
 
     def threshold(self, module: str, sparsity: float) -> float:
-        """The magnitude at or below which a fraction `sparsity` of the module's inputs fall."""
-        values = torch.cat(self.samples[self.site(module)])
+        """The magnitude at or below which a fraction `sparsity` of the module's inputs fall (the k-th smallest
+        sample; sorted once per site, because greedy allocation asks for hundreds of thresholds a block)."""
         if sparsity <= 0:
             return 0.0
+        site = self.site(module)
+        if site not in self._sorted:
+            self._sorted[site] = torch.cat(self.samples[site]).sort().values
+        values = self._sorted[site]
         k = min(values.numel(), max(1, round(sparsity * values.numel())))
-        return float(values.kthvalue(k).values)
+        return float(values[k - 1])
 
 
 @torch.no_grad()
