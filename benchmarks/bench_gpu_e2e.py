@@ -59,8 +59,10 @@ def write_tokenizer(out: Path) -> None:
 
 
 def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dtype, seed: int,
-                with_biases: bool = True) -> None:
-    """A random-weight Llama at `out/base` and overlay SPON checkpoints `out/spon{NN}` fitted to it."""
+                with_biases: bool = True, per_projection: dict[str, float] | None = None) -> None:
+    """A random-weight Llama at `out/base` and overlay SPON checkpoints `out/spon{NN}` fitted to it; with
+    `per_projection` ({"q_proj": 0.59, ...}) also `out/spon-perproj`, each projection at its own sparsity, as
+    `calibrate --allocation greedy` leaves them (fused q/k/v and gate/up then carry one threshold per segment)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vllm_spon.calibration.handmade import write_handmade
@@ -80,14 +82,17 @@ def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dt
     print(f"wrote {base} in {time.time() - t0:.0f} s", flush=True)
     sparse = SparseModel(model)
     windows = torch.randint(2, 512, (16, 256), generator=torch.Generator().manual_seed(seed))
-    for s in sparsities:
-        thresholds = fit_thresholds(sparse, windows, dict.fromkeys(sparse.linears, s), refine_passes=1,
-                                    batch_size=4)
+    allocations = {f"spon{round(s * 100)}": dict.fromkeys(sparse.linears, s) for s in sparsities}
+    if per_projection:
+        allocations["spon-perproj"] = {m: per_projection[m.rsplit(".", 1)[-1]] for m in sparse.linears}
+    for name, allocation in allocations.items():
+        thresholds = fit_thresholds(sparse, windows, allocation, refine_passes=1, batch_size=4)
         biases = ({m: torch.randn(lin.out_features) * 1e-3 for m, lin in sparse.linears.items()}
                   if with_biases else None)
-        write_handmade(base, out / f"spon{round(s * 100)}", thresholds, biases, layout="overlay",
-                        target_sparsity=s)
-        print(f"checkpoint spon{round(s * 100)}: fitted to {s:.2f}", flush=True)
+        sizes = {m: lin.weight.numel() for m, lin in sparse.linears.items()}
+        target = sum(allocation[m] * sizes[m] for m in sizes) / sum(sizes.values())
+        write_handmade(base, out / name, thresholds, biases, layout="overlay", target_sparsity=round(target, 3))
+        print(f"checkpoint {name}: fitted to {target:.3f} (weight-weighted)", flush=True)
 
 
 def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
@@ -416,6 +421,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sparsities", default="0.4,0.5,0.6")
     p.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"])
+    p.add_argument("--per-projection", type=lambda v: {k: float(s) for k, s in (i.split("=") for i in v.split(","))},
+                   help="also spon-perproj with these sparsities, e.g. q_proj=0.59,k_proj=0.44,...")
     p = sub.add_parser("engine")
     p.add_argument("model")
     p.add_argument("--load-format", default="auto")
@@ -450,7 +457,8 @@ def main() -> None:
     ns = parser.parse_args()
     if ns.cmd == "make":
         shape = {**LLAMA3_8B, "num_hidden_layers": ns.layers}
-        make_models(ns.out, shape, [float(s) for s in ns.sparsities.split(",")], torch.bfloat16, seed=0)
+        make_models(ns.out, shape, [float(s) for s in ns.sparsities.split(",")], torch.bfloat16, seed=0,
+                    per_projection=ns.per_projection)
     elif ns.cmd == "engine":
         result = run_engine(ns.model, ns.load_format, ns.tp, ns.quantization, engine_args=ns.engine_args,
                             batches=tuple(int(b) for b in ns.batches.split(",")), decode_tokens=ns.decode_tokens,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end GPU benchmark in stages that each fit one device call (vLLM from the gpu-kit bundle):
-#   bash scripts/gpu_e2e.sh make  WORK                 # Llama-3-8B-shaped random model + SPON 40/50% checkpoints
-#   bash scripts/gpu_e2e.sh run   WORK OUT ENGINE...   # ENGINE: dense | fp8 | spon40 | spon50 | spon50-fp8
+#   bash scripts/gpu_e2e.sh make  WORK [--per-projection q_proj=S,...]  # Llama-3-8B-shaped random model + SPON
+#                                                      # 40/50% checkpoints (+ spon-perproj: one sparsity a projection)
+#   bash scripts/gpu_e2e.sh run   WORK OUT ENGINE...   # ENGINE: dense | fp8 | spon40 | spon50 | spon-perproj | spon50-fp8
 #   bash scripts/gpu_e2e.sh table WORK OUT             # ratios to dense bf16, all JSONs of WORK in one table
 #   bash scripts/gpu_e2e.sh profile WORK OUT ENGINE [BATCH]  # GPU time per kernel of a decode step (default 8)
 #   bash scripts/gpu_e2e.sh ref DIR STAGE ARGS...      # a stage run by another revision's tree, for an A/B in one
@@ -31,7 +32,7 @@ stage=$1
 shift
 case $stage in
   make)
-    python $bench make --out "$1" --sparsities 0.4,0.5 ;;
+    python $bench make --out "$1" --sparsities 0.4,0.5 "${@:2}" ;;
   run)
     work=$1 out=$2
     shift 2
