@@ -85,11 +85,11 @@ def make_models(out: Path, shape: dict, sparsities: list[float], dtype: torch.dt
     allocations = {f"spon{round(s * 100)}": dict.fromkeys(sparse.linears, s) for s in sparsities}
     if per_projection:
         allocations["spon-perproj"] = {m: per_projection[m.rsplit(".", 1)[-1]] for m in sparse.linears}
+    sizes = {m: lin.weight.numel() for m, lin in sparse.linears.items()}
     for name, allocation in allocations.items():
         thresholds = fit_thresholds(sparse, windows, allocation, refine_passes=1, batch_size=4)
         biases = ({m: torch.randn(lin.out_features) * 1e-3 for m, lin in sparse.linears.items()}
                   if with_biases else None)
-        sizes = {m: lin.weight.numel() for m, lin in sparse.linears.items()}
         target = sum(allocation[m] * sizes[m] for m in sizes) / sum(sizes.values())
         write_handmade(base, out / name, thresholds, biases, layout="overlay", target_sparsity=round(target, 3))
         print(f"checkpoint {name}: fitted to {target:.3f} (weight-weighted)", flush=True)
