@@ -12,6 +12,7 @@ Model sizes: the CPU attention kernel takes head_dim 32, 64, 80, ... only (16 is
 One engine at a time; each starts in ~25 s on 2 idle cores.
 """
 
+import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.vllm_probes import engine, expected_state, generate_tokens, prompt_lo
 from vllm_spon.calibration.handmade import write_handmade
 from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+from vllm_spon.calibration.thresholds import block_inputs, block_tail_output, collect_samples
 from vllm_spon.format.architectures import SUPPORTED_ARCHITECTURES
 from vllm_spon.format.checkpoint import load_checkpoint
 
@@ -183,6 +185,36 @@ def without_method(state: dict[str, dict]) -> dict[str, dict]:
 
 def test_every_family_of_the_table_has_a_case_here():
     assert sorted(spec.model_class for spec in SPECS.values()) == sorted(SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_greedy_shortcuts_give_the_plain_block_output(name, tmp_path):
+    """Greedy allocation's shortcuts (the MLP on the measured positions only, the attention's output reused
+    while its thresholds stay) give every block's output as the plain forward does, whatever surrounds the
+    MLP in the family (post-norms, residual multipliers, fused gate/up), also when attention's thresholds
+    change after an MLP-only change."""
+    sparse = SparseModel(load_hf_model(write_model(SPECS[name], tmp_path / "model")))
+    windows = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    samples = collect_samples(sparse, windows, "dense", 2, 1 << 12)
+    inputs = block_inputs(sparse, windows)
+    for index, args_kwargs in enumerate(inputs):
+        modules = [m for m in sparse.linears if sparse.family.layer_index(m) == index]
+        attention = [m for m in modules if ".self_attn." in m]
+        mlp = [m for m in modules if ".mlp." in m]
+        # Each a change of the one before: MLP only (attention reused), attention only, both, MLP only.
+        settings = [dict.fromkeys(modules, 0.3)]
+        for changed, sparsity in ((mlp, 0.6), (attention[:1], 0.7), (modules[-2:], 0.1), (mlp[:1], 0.0)):
+            settings.append({**settings[-1], **dict.fromkeys(changed, sparsity)})
+        outputs = {}
+        for shortcuts in (False, True):
+            with block_tail_output(sparse, index, *args_kwargs, tail=6, shortcuts=shortcuts) as output:
+                outputs[shortcuts] = []
+                for sparsity in settings:
+                    sparse.set_thresholds({m: samples.threshold(m, s) for m, s in sparsity.items()})
+                    outputs[shortcuts].append(output())
+        for plain, fast in zip(outputs[False], outputs[True], strict=True):
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+        assert all((a - b).abs().max() > 1e-4 for a, b in itertools.pairwise(outputs[False]))
 
 
 @pytest.mark.slow
