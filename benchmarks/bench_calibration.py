@@ -28,22 +28,22 @@ from vllm_spon.calibration.evaluate import compare_methods, teal_baseline
 from vllm_spon.calibration.example_model import write_example_model
 from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
-from vllm_spon.format.checkpoint import load_checkpoint
+from vllm_spon.format.checkpoint import load_checkpoint, read_config
 from vllm_spon.format.schema import Quantization
 
 EVAL_SETS = {"persuasion": "builtin:persuasion", "python-docs": "python-docs"}
 
 
 def evaluate_pair(model_dir: Path, checkpoint: Path, windows: dict[str, torch.Tensor],
-                  quantization: Quantization = "none") -> dict:
-    """Dense, TEAL (the checkpoint's own TEAL thresholds) and SPON on every eval set, with the weights as
-    `quantization` serves them: `vllm-spon eval`'s measurement (`compare_methods`), so the table and the tool
-    agree."""
+                  quantization: Quantization = "none", teal_from: Path | None = None) -> dict:
+    """Dense, TEAL (the checkpoint's own TEAL thresholds, or those of checkpoint `teal_from`) and SPON on every
+    eval set, with the weights as `quantization` serves them: `vllm-spon eval`'s measurement
+    (`compare_methods`), so the table and the tool agree."""
     ckpt = load_checkpoint(checkpoint)
     sparse = SparseModel(load_hf_model(model_dir), ckpt.config.projections)
     sparse.apply_checkpoint(ckpt)
     sparse.quantize(quantization)
-    teal_thresholds, _ = teal_baseline(ckpt.config)
+    teal_thresholds, _ = teal_baseline(ckpt.config if teal_from is None else read_config(teal_from))
     out: dict = {}
     for name, w in windows.items():
         report = compare_methods(sparse, w, name, teal_thresholds, ckpt.config.thresholds)
@@ -121,8 +121,11 @@ def main() -> None:
     parser.add_argument("--refit-rounds", type=int, help="override calibrate's --refit-rounds")
     parser.add_argument("--vector-decay", type=float, help="override calibrate's --vector-decay")
     parser.add_argument("--seed", type=int, help="override calibrate's --seed (run-to-run spread of a setting)")
-    parser.add_argument("--allocation", choices=["uniform", "greedy"],
+    parser.add_argument("--allocation", choices=["uniform", "greedy", "greedy-input"],
                         help="override calibrate's --allocation (TEAL's own thresholds follow the same allocation)")
+    parser.add_argument("--teal-from", type=Path, metavar="WORKDIR",
+                        help="TEAL's thresholds from the checkpoints of another run's work directory, the same "
+                        "sparsity's (e.g. one with --allocation greedy: TEAL as TEAL calibrates itself)")
     parser.add_argument("--fresh", action="store_true", help="recalibrate sparsities already measured")
     parser.add_argument("--reevaluate", action="store_true",
                         help="measure the checkpoints of sparsities already calibrated again, without recalibrating")
@@ -143,14 +146,16 @@ def main() -> None:
     recipes: list[Quantization] = ["none"] if served == "none" else ["none", served]
     for s in [float(x) for x in ns.sparsities.split(",")]:
         for recipe in recipes:
-            checkpoint = ns.workdir / (f"spon{round(s * 100)}" + ("" if recipe == "none" else f"-{recipe}"))
+            name = f"spon{round(s * 100)}" + ("" if recipe == "none" else f"-{recipe}")
+            checkpoint = ns.workdir / name
+            teal_from = None if ns.teal_from is None else ns.teal_from / name
             # one row per sparsity and recipe, so an interrupted run resumes
             row_file = checkpoint.with_name(checkpoint.name + ("" if served == "none" else f"-served-{served}"))
             row_file = row_file.with_suffix(".json")
             if row_file.is_file() and not ns.fresh:
                 results.append(json.loads(row_file.read_text()))
                 if ns.reevaluate:  # today's measurement of the checkpoint calibrated then
-                    results[-1]["eval"] = evaluate_pair(model_dir, checkpoint, windows, served)
+                    results[-1]["eval"] = evaluate_pair(model_dir, checkpoint, windows, served, teal_from)
                     row_file.write_text(json.dumps(results[-1], indent=2))
                 continue
             t0 = time.perf_counter()
@@ -159,8 +164,8 @@ def main() -> None:
                                       eval_data=None, overwrite=True, quantization=recipe, **extra))
             seconds = time.perf_counter() - t0
             results.append({"sparsity": s, "calibrated_for": recipe, "calibration_s": seconds,
-                             "biases_kept": biases_kept(checkpoint),
-                             "eval": evaluate_pair(model_dir, checkpoint, windows, served)})
+                             "biases_kept": biases_kept(checkpoint), "teal_from": teal_from and str(teal_from),
+                             "eval": evaluate_pair(model_dir, checkpoint, windows, served, teal_from)})
             row_file.write_text(json.dumps(results[-1], indent=2))
             print(markdown(results[-1:]), flush=True)
     results.sort(key=lambda r: (r["sparsity"], r["calibrated_for"] != "none"))

@@ -2,7 +2,7 @@
 
     1. check the arguments, the model and the output (writable, room, nothing of the user's at risk), then
        load the model and the calibration text (clear errors, nothing written yet)
-    2. allocate per-module sparsity (uniform, or TEAL's greedy per-block allocation)
+    2. allocate per-module sparsity (uniform, or TEAL's greedy per-block search: per projection or per input)
     3. fit thresholds (TEAL statistics, refitted on the sparse model's own activations)
     4. train SPON vectors by KL distillation against the dense model, fuse them into biases,
        and refit thresholds with the biases in place so the achieved sparsity stays on target
@@ -74,7 +74,9 @@ class CalibrationArgs(BaseModel):
     method: Method = Field(default="spon",
                                             description="spon: thresholds + trained biases; teal: thresholds only")
     allocation: Allocation = Field(
-        default="uniform", description="per-module sparsity: the same everywhere, or TEAL's greedy per-block search")
+        default="uniform", description="per-module sparsity: the same everywhere; TEAL's greedy per-block search, "
+        "every projection alone; or the same search with projections that read one input (q/k/v, gate/up) "
+        "moving together, so each fused vLLM layer keeps one threshold")
     threshold_stats: ThresholdStats = Field(
         default="sequential", description="fit thresholds on dense activations, or refit on the sparse model's own")
     projections: Projections | None = Field(
@@ -221,8 +223,9 @@ def calibrate(args: CalibrationArgs) -> Path:
     sparse = SparseModel(load_hf_model(args.model, device=resolve_device(args.device)), args.projections)
     sparse.quantize(args.quantization)  # thresholds are fitted on the activations of the model as served
 
-    if args.allocation == "greedy":
-        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, log=logger.info)
+    if args.allocation != "uniform":
+        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity,
+                                            per_input=args.allocation == "greedy-input", log=logger.info)
     else:
         module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
     thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,

@@ -118,13 +118,16 @@ def greedy_allocation(
     target: float,
     step: float = 0.1,
     max_windows: int = 4,
+    per_input: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:
     """TEAL's greedy per-block allocation: per-module sparsities whose size-weighted mean is `target`.
 
     Per decoder block, on its dense input: start every projection at 0 and repeatedly raise by `step` the one
     whose raise costs the least block-output error (squared L2 on the last 25% of positions) per unit of
-    weight sparsity gained, until the block's size-weighted sparsity reaches the target.
+    weight sparsity gained, until the block's size-weighted sparsity reaches the target. `per_input`: the
+    projections that read one input (q/k/v, gate/up) move together, so each fused vLLM layer keeps one
+    threshold (TEAL's own search moves every projection alone).
     """
     windows = windows[:max_windows]
     samples = collect_samples(model, windows, "dense", len(windows), 1 << 20, desc="greedy: statistics")
@@ -134,8 +137,11 @@ def greedy_allocation(
     tail = max(1, windows.shape[1] // 4)
     for index in tqdm(range(len(inputs)), desc="greedy allocation", leave=False):
         modules = [m for m in model.linears if model.family.layer_index(m) == index]
+        groups: dict[str, list[str]] = {}
+        for m in modules:
+            groups.setdefault(model.family.site(m) if per_input else m, []).append(m)
         with block_tail_output(model, index, *inputs[index], tail) as block_output:
-            allocation.update(_greedy_block(model, samples, modules, block_output, target, step))
+            allocation.update(_greedy_block(model, samples, list(groups.values()), block_output, target, step))
     model.set_thresholds(saved)
     by_projection: dict[str, list[float]] = {}
     for m, s in allocation.items():
@@ -145,35 +151,39 @@ def greedy_allocation(
     return allocation
 
 
-def _greedy_block(model: SparseModel, samples: SiteSamples, modules: list[str],
+def _greedy_block(model: SparseModel, samples: SiteSamples, groups: list[list[str]],
                   block_output: Callable[[], torch.Tensor], target: float, step: float) -> dict[str, float]:
-    """Greedy allocation inside one block (see `greedy_allocation`)."""
-    sizes = {m: model.linears[m].weight.numel() for m in modules}
-    total = sum(sizes.values())
+    """Greedy allocation inside one block (see `greedy_allocation`); the modules of a group share a sparsity."""
+    sizes = [sum(model.linears[m].weight.numel() for m in group) for group in groups]
+    total = sum(sizes)
 
-    def error_at(sparsity: dict[str, float]) -> float:
-        model.set_thresholds({m: samples.threshold(m, s) for m, s in sparsity.items()})
+    def error_at(sparsity: list[float]) -> float:
+        model.set_thresholds({m: samples.threshold(m, s) for group, s in zip(groups, sparsity, strict=True)
+                              for m in group})
         return float((block_output() - reference).pow(2).mean())
 
-    current = dict.fromkeys(modules, 0.0)
-    model.set_thresholds({m: 0.0 for m in modules})
+    def mean(sparsity: list[float]) -> float:
+        return sum(s * size for s, size in zip(sparsity, sizes, strict=True)) / total
+
+    current = [0.0] * len(groups)
+    model.set_thresholds({m: 0.0 for group in groups for m in group})
     reference = block_output()
     error = 0.0
-    while sum(current[m] * sizes[m] for m in modules) / total < target - 1e-9:
+    while mean(current) < target - 1e-9:
         costs = {}
-        for m in modules:
-            if current[m] + step <= 0.99:
-                trial_error = error_at({**current, m: current[m] + step})
-                costs[m] = ((trial_error - error) / (step * sizes[m] / total), trial_error)
+        for g in range(len(groups)):
+            if current[g] + step <= 0.99:
+                trial_error = error_at([s + step if i == g else s for i, s in enumerate(current)])
+                costs[g] = ((trial_error - error) / (step * sizes[g] / total), trial_error)
         if not costs:
             break
-        best = min(costs, key=lambda m: costs[m][0])
+        best = min(costs, key=lambda g: costs[g][0])
         current[best] += step
         error = costs[best][1]
     # The last step may overshoot: scale back uniformly to land on the target exactly.
-    reached = sum(current[m] * sizes[m] for m in modules) / total
+    reached = mean(current)
     scale = target / reached if reached > 0 else 0.0
-    return {m: min(0.99, s * scale) for m, s in current.items()}
+    return {m: min(0.99, s * scale) for group, s in zip(groups, current, strict=True) for m in group}
 
 
 @torch.no_grad()

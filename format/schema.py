@@ -14,7 +14,7 @@ Layout = Literal["full", "overlay"]
 Method = Literal["spon", "teal"]
 BiasSpace = Literal["input", "output"]
 ThresholdStats = Literal["dense", "sequential"]
-Allocation = Literal["uniform", "greedy"]
+Allocation = Literal["uniform", "greedy", "greedy-input"]
 # vLLM's fp8 weight quantization the model is served with (`vllm serve --quantization ...`), or none.
 Quantization = Literal["none", "fp8", "fp8_per_channel"]
 

@@ -75,14 +75,20 @@ def test_dense_statistics_hit_target_on_the_dense_inputs(tiny, windows):
     assert dropped == pytest.approx(0.5, abs=0.01)
 
 
-def test_greedy_allocation_meets_block_budget(tiny, windows):
-    allocation = greedy_allocation(tiny, windows, 0.5, step=0.1)
+@pytest.mark.parametrize("per_input", [False, True])
+def test_greedy_allocation_meets_block_budget(tiny, windows, per_input):
+    allocation = greedy_allocation(tiny, windows, 0.5, step=0.1, per_input=per_input)
     for layer in range(2):
         modules = [m for m in allocation if f".layers.{layer}." in m]
         sizes = {m: tiny.linears[m].weight.numel() for m in modules}
         weighted = sum(allocation[m] * sizes[m] for m in modules) / sum(sizes.values())
         assert weighted == pytest.approx(0.5, abs=1e-6)
     assert len(set(round(s, 3) for s in allocation.values())) > 1  # not uniform
+    by_input: dict[str, set[float]] = {}
+    for m, s in allocation.items():
+        by_input.setdefault(tiny.family.site(m), set()).add(s)
+    # per input: q/k/v and gate/up share one sparsity (one threshold per fused vLLM layer); per projection not
+    assert all(len(v) == 1 for v in by_input.values()) == per_input
 
 
 @pytest.mark.parametrize("space", ["input", "output"])
