@@ -88,11 +88,11 @@ class SponDenseLinearMethod(SponLinearMethod):
         layer.weight.data = layer.weight.data.t().contiguous().t()
 
     def finalize(self, layer: torch.nn.Module) -> None:
-        # One threshold for the whole layer (always so with uniform allocation), on a GPU: threshold in traced
-        # code, where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul) instead of a
-        # separate pass over x, and the op then sees an already-sparse input. On the CPU the kernel compares
-        # each input with its threshold as it packs the kept ones, so a pass before it only adds work (five
-        # small ops a layer when eager) and the same bits come out either way.
+        # One threshold for the whole layer (always, unless `calibrate --allocation greedy`), on a GPU: threshold
+        # in traced code, where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul)
+        # instead of a separate pass over x, and the op then sees an already-sparse input. On the CPU the kernel
+        # compares each input with its threshold as it packs the kept ones, so a pass before it only adds work
+        # (five small ops a layer when eager) and the same bits come out either way.
         self.presparsify = len(set(layer.spon_threshold.tolist())) == 1 and layer.weight.device.type != "cpu"
         kernels.prepare(layer.weight.device, layer.input_size_per_partition)
         # On the CPU the C++ op itself (one kernel for every token count, nothing to choose in Python), built or
@@ -115,7 +115,7 @@ class SponQuantizedLinearMethod(SponLinearMethod):
     """Quantized weights: threshold the input in PyTorch, then vLLM's quantized matmul on it.
 
     Segments whose thresholds differ need differently thresholded inputs: one inner matmul per distinct
-    threshold (known once loaded), its output columns stitched by segment. Calibration's uniform allocation
+    threshold (known once loaded), its output columns stitched by segment. Calibration's default allocation
     gives one threshold per input site, hence one matmul.
     """
 
