@@ -23,6 +23,15 @@ def test_calibrated_example_model_beats_teal_on_held_out_text(spon_checkpoint_di
     ckpt = load_checkpoint(spon_checkpoint_dir)
     assert ckpt.config.method == "spon" and len(ckpt.biases) == 30 * 7
     assert ckpt.config.achieved_sparsity == pytest.approx(0.5, abs=0.01)
+    # The default allocation (greedy-input) varies sparsity between a block's inputs but keeps one threshold
+    # per input, so every fused vLLM layer (qkv_proj, gate_up_proj) takes one.
+    assert ckpt.config.calibration.allocation == "greedy-input"
+    by_input: dict[str, set[float]] = {}
+    for module, threshold in ckpt.config.thresholds.items():
+        by_input.setdefault(ckpt.family.site(module), set()).add(threshold)
+    assert all(len(t) == 1 for t in by_input.values())
+    achieved = ckpt.config.module_sparsity.values()
+    assert max(achieved) - min(achieved) > 0.2  # uniform allocation keeps every module within ~0.02 of 0.5
     plot = tmp_path / "thresholds.png"
     result = run_cli("eval", str(spon_checkpoint_dir), "--windows", "4", "--window", "256", "--json",
                      "--plot", str(plot))
