@@ -6,6 +6,7 @@ statistics fix this by refitting on the sparse model's own activations for a few
 sparsity on calibration tokens matches the target and methods can be compared at equal sparsity.
 """
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -216,8 +217,8 @@ def block_tail_output(model: SparseModel, index: int, args: tuple, kwargs: dict,
     thresholds are unchanged; without, the plain block forward they must match."""
     layer = model.decoder_layers()[index]
     parent = {p.reads: p.parent for p in model.family.block}
-    attention = [m for m in model.linears
-                 if model.family.layer_index(m) == index and model.family.parse(m)[1].parent == parent["attn_in"]]
+    attention = [m for m, (i, p) in ((m, model.family.parse(m)) for m in model.linears)
+                 if i == index and p.parent == parent["attn_in"]]
 
     def output() -> torch.Tensor:
         with model.use("teal"):
@@ -232,34 +233,37 @@ def block_tail_output(model: SparseModel, index: int, args: tuple, kwargs: dict,
     def attention_thresholds() -> tuple[float, ...]:
         return tuple(float(model.thresholds[m]) for m in attention)
 
-    with (_on_tail_only(layer.get_submodule(parent["mlp_in"]), tail),
-          _memoised(layer.get_submodule(parent["attn_in"]), attention_thresholds)):
+    with (_forward_wrapped(layer.get_submodule(parent["mlp_in"]), functools.partial(_on_tail_only, tail=tail)),
+          _forward_wrapped(layer.get_submodule(parent["attn_in"]),
+                           functools.partial(_memoised, key=attention_thresholds))):
         yield output
 
 
 @contextmanager
-def _on_tail_only(module: torch.nn.Module, tail: int) -> Iterator[None]:
-    """Run a position-wise sub-module (the MLP) on the last `tail` positions only, zeros before them: greedy
-    reads the block's output there alone, and the MLP is most of a block's work (nothing after the MLP mixes
-    positions, so the tail's values are unchanged)."""
-    forward = module.forward
-
-    def tail_forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = forward(x[:, -tail:], *args, **kwargs)
-        return torch.cat([out.new_zeros(out.shape[0], x.shape[1] - tail, *out.shape[2:]), out], dim=1)
-
-    module.forward = tail_forward
+def _forward_wrapped(module: torch.nn.Module, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """`module` runs `wrap(its forward)` instead of its forward until the context ends."""
+    module.forward = wrap(module.forward)
     try:
         yield
     finally:
         del module.forward
 
 
-@contextmanager
-def _memoised(module: torch.nn.Module, key: Callable[[], tuple]) -> Iterator[None]:
-    """Give `module`'s last output again while `key()` (the attention's thresholds) is unchanged: greedy's
+def _on_tail_only(forward: Callable, tail: int) -> Callable:
+    """A position-wise sub-module's (the MLP's) forward on the last `tail` positions only, zeros before them:
+    greedy reads the block's output there alone, and the MLP is most of a block's work (nothing after the MLP
+    mixes positions, so the tail's values are unchanged)."""
+
+    def tail_forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = forward(x[:, -tail:], *args, **kwargs)
+        return torch.cat([out.new_zeros(out.shape[0], x.shape[1] - tail, *out.shape[2:]), out], dim=1)
+
+    return tail_forward
+
+
+def _memoised(forward: Callable, key: Callable[[], tuple]) -> Callable:
+    """`forward` giving its last output again while `key()` (the attention's thresholds) is unchanged: greedy's
     trials of MLP projections leave the attention of a block, fed the same input, as it was."""
-    forward = module.forward
     last: list = [None, None]
 
     def memoised_forward(*args, **kwargs):
@@ -268,8 +272,4 @@ def _memoised(module: torch.nn.Module, key: Callable[[], tuple]) -> Iterator[Non
             last[:] = [now, forward(*args, **kwargs)]
         return last[1]
 
-    module.forward = memoised_forward
-    try:
-        yield
-    finally:
-        del module.forward
+    return memoised_forward
