@@ -74,7 +74,7 @@ class CalibrationArgs(BaseModel):
     method: Method = Field(default="spon",
                                             description="spon: thresholds + trained biases; teal: thresholds only")
     # greedy-input measured as accurate as TEAL's per-projection search at 50% on the example model, without
-    # per-segment thresholds on fused layers, and far better than uniform (README, "Accuracy").
+    # per-segment thresholds on fused layers, and far better than uniform (benchmarks/RESULTS.md, "Accuracy").
     allocation: Allocation = Field(
         default="greedy-input", description="per-module sparsity: TEAL's greedy per-block search with the "
         "projections that read one input (q/k/v, gate/up) moving together, so each fused vLLM layer keeps one "
@@ -96,7 +96,7 @@ class CalibrationArgs(BaseModel):
         default=1, ge=1, description="SPON training split into this many equal rounds, the thresholds refitted "
         "with the biases in place after each, so later rounds train against (nearly) the thresholds served "
         "(1: one refit, after training; each extra round costs a refit, about 40 s for the example model on 2 "
-        "CPU cores; measured no better on held-out text, README)")
+        "CPU cores; measured no better on held-out text, benchmarks/RESULTS.md)")
     hidden_weight: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="weight of a hidden-state term added to the KL "
         "loss: normalised MSE between the sparse and dense residual stream after every layer (0: logits only)")
@@ -107,7 +107,7 @@ class CalibrationArgs(BaseModel):
         default=8, ge=0, description="windows at the end of --data held out of SPON training, on which the "
         "biases of layers where they hurt are dropped and plain TEAL is kept if SPON does not beat it (0: keep "
         "every bias)")
-    # Output space measured better on the example model (54% vs 44% of the gap at 50%, README).
+    # Output space measured better on the example model (54% vs 44% of the gap at 50%, benchmarks/RESULTS.md).
     bias_space: BiasSpace = Field(
         default="output", description="where SPON vectors train before fusion into the bias")
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
