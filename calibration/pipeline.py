@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vllm_spon import __version__
 from vllm_spon.calibration.data import (
@@ -35,7 +35,7 @@ from vllm_spon.calibration.evaluate import compare_methods, measure_sparsity, pe
 from vllm_spon.calibration.site_choice import choose_sites
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.calibration.spon_training import Precision, TrainConfig, TrainingError, train_spon
-from vllm_spon.calibration.thresholds import fit_thresholds, greedy_allocation
+from vllm_spon.calibration.thresholds import MAX_MODULE_SPARSITY, fit_thresholds, greedy_allocation
 from vllm_spon.format.checkpoint import check_output, now_iso, write_checkpoint
 from vllm_spon.format.identity import base_model_ref, model_family
 from vllm_spon.format.schema import (
@@ -76,9 +76,10 @@ class CalibrationArgs(BaseModel):
     # greedy-input measured as accurate as TEAL's per-projection search at 50% on the example model, without
     # per-segment thresholds on fused layers, and far better than uniform (benchmarks/RESULTS.md, "Accuracy").
     allocation: Allocation = Field(
-        default="greedy-input", description="per-module sparsity: TEAL's greedy per-block search with the "
-        "projections that read one input (q/k/v, gate/up) moving together, so each fused vLLM layer keeps one "
-        "threshold; greedy: the same search with every projection alone (TEAL's own); uniform: the same everywhere")
+        default="greedy-input", description="per-module sparsity. greedy-input: TEAL's greedy per-block search with "
+        "the projections that read one input (q/k/v, gate/up) moving together, so each fused vLLM layer keeps one "
+        "threshold; greedy: the same search with every projection alone (TEAL's own); uniform: the same everywhere "
+        f"(the greedy searches reach --sparsity up to {MAX_MODULE_SPARSITY})")
     threshold_stats: ThresholdStats = Field(
         default="sequential", description="fit thresholds on dense activations, or refit on the sparse model's own")
     projections: Projections | None = Field(
@@ -133,6 +134,13 @@ class CalibrationArgs(BaseModel):
         if not 0 < v < 1:
             raise ValueError(f"--sparsity must be strictly between 0 and 1 (a fraction, e.g. 0.5), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _reachable_by_the_allocation(self) -> "CalibrationArgs":
+        if self.allocation != "uniform" and self.sparsity > MAX_MODULE_SPARSITY:
+            raise ValueError(f"--allocation {self.allocation} reaches --sparsity up to {MAX_MODULE_SPARSITY} (no "
+                             f"module beyond it), got {self.sparsity}; use --allocation uniform")
+        return self
 
     def resolved_precision(self) -> Precision:
         """bf16 autocast where the hardware has fast bf16 (GPUs, CPUs with AVX512-BF16 or AMX)."""
@@ -226,8 +234,8 @@ def calibrate(args: CalibrationArgs) -> Path:
     sparse.quantize(args.quantization)  # thresholds are fitted on the activations of the model as served
 
     if args.allocation != "uniform":
-        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity,
-                                            per_input=args.allocation == "greedy-input", log=logger.info)
+        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, per_input=args.allocation
+                                            == "greedy-input", seed=args.seed, log=logger.info)
     else:
         module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
     thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,

@@ -19,6 +19,8 @@ from vllm_spon.calibration.sparse_model import Mode, SparseModel
 from vllm_spon.format.architectures import Family
 from vllm_spon.format.schema import ThresholdStats
 
+MAX_MODULE_SPARSITY = 0.99  # the greedy search never zeroes more of one module's inputs
+
 
 class SiteSamples:
     """A uniform random subsample of |x| for every input site (modules that read one input share it)."""
@@ -120,18 +122,23 @@ def greedy_allocation(
     step: float = 0.1,
     max_windows: int = 4,
     per_input: bool = False,
+    seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:
     """TEAL's greedy per-block allocation: per-module sparsities whose size-weighted mean is `target`.
 
     Per decoder block, on its dense input: start every projection at 0 and repeatedly raise by `step` the one
     whose raise costs the least block-output error (squared L2 on the last 25% of positions) per unit of
-    weight sparsity gained, until the block's size-weighted sparsity reaches the target. `per_input`: the
+    weight sparsity gained (a raise stops at MAX_MODULE_SPARSITY), until the block's size-weighted sparsity
+    reaches the target, which therefore cannot exceed MAX_MODULE_SPARSITY. `per_input`: the
     projections that read one input (q/k/v, gate/up) move together, so each fused vLLM layer keeps one
     threshold (TEAL's own search moves every projection alone).
     """
+    if not 0 <= target <= MAX_MODULE_SPARSITY:
+        raise ValueError(f"greedy allocation reaches sparsities up to {MAX_MODULE_SPARSITY}, not {target}; "
+                         "use uniform allocation above it")
     windows = windows[:max_windows]
-    samples = collect_samples(model, windows, "dense", len(windows), 1 << 20, desc="greedy: statistics")
+    samples = collect_samples(model, windows, "dense", len(windows), 1 << 20, seed, desc="greedy: statistics")
     inputs = block_inputs(model, windows)
     allocation: dict[str, float] = {}
     saved = {m: float(t) for m, t in model.thresholds.items()}
@@ -173,18 +180,19 @@ def _greedy_block(model: SparseModel, samples: SiteSamples, groups: list[list[st
     while mean(current) < target - 1e-9:
         costs = {}
         for g in range(len(groups)):
-            if current[g] + step <= 0.99:
-                trial_error = error_at([s + step if i == g else s for i, s in enumerate(current)])
-                costs[g] = ((trial_error - error) / (step * sizes[g] / total), trial_error)
+            raise_by = min(step, MAX_MODULE_SPARSITY - current[g])
+            if raise_by > 1e-9:
+                trial_error = error_at([s + raise_by if i == g else s for i, s in enumerate(current)])
+                costs[g] = ((trial_error - error) / (raise_by * sizes[g] / total), trial_error, raise_by)
         if not costs:
             break
         best = min(costs, key=lambda g: costs[g][0])
-        current[best] += step
+        current[best] += costs[best][2]
         error = costs[best][1]
     # The last step may overshoot: scale back uniformly to land on the target exactly.
     reached = mean(current)
-    scale = target / reached if reached > 0 else 0.0
-    return {m: min(0.99, s * scale) for group, s in zip(groups, current, strict=True) for m in group}
+    scale = min(1.0, target / reached) if reached > 0 else 0.0
+    return {m: s * scale for group, s in zip(groups, current, strict=True) for m in group}
 
 
 @torch.no_grad()
@@ -213,8 +221,10 @@ def block_tail_output(model: SparseModel, index: int, args: tuple, kwargs: dict,
                       shortcuts: bool = True) -> Iterator[Callable[[], torch.Tensor]]:
     """A callable giving decoder block `index`'s output (TEAL mode, the thresholds set at call time) on its
     last `tail` positions, where greedy measures error. With `shortcuts` (2.2x faster on the example model,
-    the same values), the MLP runs on those positions only and the attention's output is reused while its
-    thresholds are unchanged; without, the plain block forward they must match."""
+    the same allocation), the MLP runs on those positions only and the attention's output is reused while its
+    thresholds are unchanged; without, the plain block forward they must match. The values match to rounding:
+    a down_proj input whose gate/up are not sparsified can differ in its last bit, and one that sits exactly on
+    its threshold (thresholds are sampled activations) can then be kept by one and dropped by the other."""
     layer = model.decoder_layers()[index]
     parent = {p.reads: p.parent for p in model.family.block}
     attention = [m for m, (i, p) in ((m, model.family.parse(m)) for m in model.linears)
@@ -241,12 +251,17 @@ def block_tail_output(model: SparseModel, index: int, args: tuple, kwargs: dict,
 
 @contextmanager
 def _forward_wrapped(module: torch.nn.Module, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
-    """`module` runs `wrap(its forward)` instead of its forward until the context ends."""
+    """`module` runs `wrap(its forward)` instead of its forward until the context ends; then whatever was there
+    before (a forward set on the instance, such as an accelerate hook's, or the class's) is back."""
+    own = module.__dict__.get("forward")
     module.forward = wrap(module.forward)
     try:
         yield
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _on_tail_only(forward: Callable, tail: int) -> Callable:

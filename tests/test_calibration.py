@@ -50,6 +50,7 @@ def test_calibrated_example_model_beats_teal_on_held_out_text(spon_checkpoint_di
     [
         (["--sparsity", "1.0"], "strictly between 0 and 1"),
         (["--sparsity", "0"], "strictly between 0 and 1"),
+        (["--sparsity", "0.995"], "use --allocation uniform"),
         (["--sparsity", "0.5", "--data", "MISSING_DIR"], "neither an existing file or folder"),
         (["--sparsity", "0.5", "--data", "EMPTY"], "holds no text"),
         (["--sparsity", "0.5", "--data", "SHORT"], "too short for"),

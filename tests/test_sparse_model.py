@@ -6,7 +6,14 @@ from transformers import AutoModelForCausalLM
 
 from vllm_spon.calibration.evaluate import measure_sparsity
 from vllm_spon.calibration.sparse_model import SparseModel
-from vllm_spon.calibration.thresholds import SiteSamples, fit_thresholds, greedy_allocation
+from vllm_spon.calibration.thresholds import (
+    MAX_MODULE_SPARSITY,
+    SiteSamples,
+    block_inputs,
+    block_tail_output,
+    fit_thresholds,
+    greedy_allocation,
+)
 from vllm_spon.format.architectures import FAMILIES
 from vllm_spon.kernels.reference import sparse_linear_reference, sparsify
 
@@ -89,6 +96,40 @@ def test_greedy_allocation_meets_block_budget(tiny, windows, per_input):
         by_input.setdefault(tiny.family.site(m), set()).add(s)
     # per input: q/k/v and gate/up share one sparsity (one threshold per fused vLLM layer); per projection not
     assert all(len(v) == 1 for v in by_input.values()) == per_input
+
+
+@pytest.mark.parametrize("per_input", [False, True])
+def test_greedy_allocation_searches_targets_above_nine_tenths(tiny, windows, per_input):
+    """Raises stop at MAX_MODULE_SPARSITY, not at 0.9: a 0.95 target is searched like any other (it used to
+    leave every module at 0.9, scaled up to a uniform 0.95), and a target beyond reach is refused."""
+    allocation = greedy_allocation(tiny, windows, 0.95, per_input=per_input)
+    sizes = {m: tiny.linears[m].weight.numel() for m in allocation}
+    for layer in range(2):
+        modules = [m for m in allocation if f".layers.{layer}." in m]
+        weighted = sum(allocation[m] * sizes[m] for m in modules) / sum(sizes[m] for m in modules)
+        assert weighted == pytest.approx(0.95, abs=1e-6)
+    assert max(allocation.values()) <= MAX_MODULE_SPARSITY + 1e-12
+    assert max(allocation.values()) > 0.951 and min(allocation.values()) < 0.949
+    with pytest.raises(ValueError, match="uniform allocation above it"):
+        greedy_allocation(tiny, windows, 0.995, per_input=per_input)
+
+
+def test_greedy_shortcuts_put_back_what_the_module_had(tiny, windows):
+    """The shortcuts patch a module's forward for the search only: one already set on the instance (an
+    accelerate hook, say) is back afterwards, also with two searches on one block, one inside the other."""
+    mlp = tiny.model.model.layers[0].mlp
+    hooked = mlp.forward  # a bound method set on the instance, as a hook would be
+    mlp.forward = hooked
+    args, kwargs = block_inputs(tiny, windows[:2])[0]
+    with block_tail_output(tiny, 0, args, kwargs, tail=4) as outer:
+        with block_tail_output(tiny, 0, args, kwargs, tail=4) as inner:
+            torch.testing.assert_close(inner(), outer())
+        outer()
+    assert mlp.__dict__["forward"] is hooked
+    del mlp.forward
+    with block_tail_output(tiny, 0, args, kwargs, tail=4):
+        pass
+    assert "forward" not in mlp.__dict__
 
 
 @pytest.mark.parametrize("space", ["input", "output"])

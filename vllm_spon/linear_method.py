@@ -88,9 +88,10 @@ class SponDenseLinearMethod(SponLinearMethod):
         layer.weight.data = layer.weight.data.t().contiguous().t()
 
     def finalize(self, layer: torch.nn.Module) -> None:
-        # One threshold for the whole layer (always, unless `calibrate --allocation greedy`), on a GPU: threshold
-        # in traced code, where torch.compile fuses S(x) into the op that produced x (RMSNorm, SiLU-and-mul)
-        # instead of a separate pass over x, and the op then sees an already-sparse input. On the CPU the kernel
+        # One threshold for the whole layer (always, unless `calibrate --allocation greedy` or `--projections`
+        # naming part of a fused layer), on a GPU: threshold in traced code, where torch.compile fuses S(x) into
+        # the op that produced x (RMSNorm, SiLU-and-mul) instead of a separate pass over x, and the op then sees
+        # an already-sparse input. On the CPU the kernel
         # compares each input with its threshold as it packs the kept ones, so a pass before it only adds work
         # (five small ops a layer when eager) and the same bits come out either way.
         self.presparsify = len(set(layer.spon_threshold.tolist())) == 1 and layer.weight.device.type != "cpu"
