@@ -234,8 +234,9 @@ def calibrate(args: CalibrationArgs) -> Path:
     sparse.quantize(args.quantization)  # thresholds are fitted on the activations of the model as served
 
     if args.allocation != "uniform":
-        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, per_input=args.allocation
-                                            == "greedy-input", seed=args.seed, log=logger.info)
+        per_input = args.allocation == "greedy-input"
+        module_sparsity = greedy_allocation(sparse, stats_windows, args.sparsity, per_input=per_input, seed=args.seed,
+                                            log=logger.info)
     else:
         module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
     thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,
