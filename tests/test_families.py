@@ -128,18 +128,20 @@ class FamilyCase:
         return [p + t for p, t in zip(self.prompts, self.tokens, strict=True)]
 
 
-def build_case(name: str, root: Path, tokenizer_from: Path) -> FamilyCase:
-    """Make, calibrate (a few seconds: 256 tokens, 32-token windows, 4 steps) and condition one family.
-    No held-out check and no per-layer choice: a random model's perplexity on English text (~1e5) says nothing
-    about SPON."""
+def build_case(name: str, root: Path, tokenizer_from: Path, projections: tuple[str, ...] | None = None) -> FamilyCase:
+    """Make, calibrate (a few seconds: 256 tokens, 32-token windows, 4 steps) and condition one family; every
+    decoder linear, or only `projections`. No held-out check and no per-layer choice: a random model's
+    perplexity on English text (~1e5) says nothing about SPON."""
     model_dir = write_model(SPECS[name], root / "model", tokenizer_from)
     calibrated = calibrate(CalibrationArgs(
         model=model_dir, output=root / "calibrated", sparsity=0.5, layout="overlay", num_tokens=256, window=32,
         steps=4, lr=1e-3, windows_per_step=2, eval_data=None, check_windows=0, train_precision="fp32", device="cpu",
+        projections=projections,
     ))
     checkpoint = load_checkpoint(calibrated)
     model = load_hf_model(model_dir)
-    assert set(checkpoint.thresholds) == decoder_linears(model), "calibration left decoder linears dense"
+    if projections is None:
+        assert set(checkpoint.thresholds) == decoder_linears(model), "calibration left decoder linears dense"
     sparse = SparseModel(model, checkpoint.config.projections)
     sparse.apply_checkpoint(checkpoint)
     prompts = tokenize(model_dir, PROMPTS)
@@ -232,6 +234,25 @@ def test_family_serves_the_reference_sparse_model(name, family_cases):
     assert len(state) == LINEARS_PER_LAYER * case.num_layers
     assert {s["method"] for s in state.values()} == {"SponDenseLinearMethod(UnquantizedLinearMethod)"}
     assert without_method(state) == expected_state(str(case.served), tp_rank=0, tp_size=1)
+
+
+@pytest.mark.slow
+def test_partly_sparsified_fused_layers_serve_the_reference(tmp_path, example_model_dir):
+    """`--projections` naming one member of each fused layer (q of q/k/v, up of gate/up): vLLM's fused layers
+    then hold [t, 0, 0] and [0, t] with a bias on the sparsified segment only, and give the reference's tokens."""
+    case = build_case("llama", tmp_path, example_model_dir, projections=("q_proj", "up_proj", "down_proj"))
+    with engine(str(case.served), load_format="spon") as llm:
+        tokens = generate_tokens(llm, case.prompts)
+        logprobs = prompt_logprobs(llm, case.sequences)
+        [state] = llm.apply_model(spon_state)
+    assert tokens == case.tokens
+    for ours, spon in zip(logprobs, case.logprobs, strict=True):
+        np.testing.assert_allclose(ours, spon, atol=1e-4)
+    expected = expected_state(str(case.served), tp_rank=0, tp_size=1)
+    assert without_method(state) == expected
+    assert len(state) == 3 * case.num_layers  # qkv_proj, gate_up_proj, down_proj: o_proj keeps vLLM's method
+    qkv = next(s for name, s in expected.items() if name.endswith("qkv_proj"))
+    assert qkv["thresholds"][0] > 0 and qkv["thresholds"][1:] == [0.0, 0.0]
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import torch
 
 from tests.reference_cases import MAX_TOKENS
 from vllm_spon import server
-from vllm_spon.format.checkpoint import load_checkpoint
+from vllm_spon.format.checkpoint import load_checkpoint, module_out_features
+from vllm_spon.format.identity import read_hf_config
 
 # The tests' engine settings: eager (fast start), a short context, seeded.
 ENGINE_KWARGS = {"enforce_eager": True, "max_model_len": 512, "seed": 0}
@@ -67,26 +68,30 @@ def worker_additional_config(worker) -> dict:
 
 def expected_state(checkpoint_dir: str, tp_rank: int, tp_size: int) -> dict[str, dict]:
     """What each vLLM layer of rank `tp_rank` should hold, computed from the checkpoint by hand: per
-    segment the module's threshold; the bias rows of this rank (column parallel: its slice of each fused
-    module, row parallel: all of it, added on rank 0 only)."""
+    segment the module's threshold (0 for a member the checkpoint does not sparsify, `--projections q_proj`);
+    the bias rows of this rank (column parallel: its slice of each fused module, zeros for an unsparsified
+    member; row parallel: all of it, added on rank 0 only), None where no member has a bias (TEAL)."""
     checkpoint = load_checkpoint(checkpoint_dir)
     family = checkpoint.family
+    every_module = module_out_features(read_hf_config(checkpoint_dir), family.projections, checkpoint_dir)
     state = {}
     for module in checkpoint.modules:
         index, projection = family.parse(module)
-        members = family.vllm_layers()[projection.vllm_layer]
-        if projection.name != members[0]:
-            continue  # one entry per vLLM layer, made at its first member
-        modules = [family.module(index, p) for p in members]
-        biases = [checkpoint.biases[m] for m in modules]
+        layer = f"{module.rsplit('.', 1)[0]}.{projection.vllm_layer}"
+        if layer in state:
+            continue  # one entry per vLLM layer, made at its first sparsified member
+        modules = [family.module(index, p) for p in family.vllm_layers()[projection.vllm_layer]]
         column = projection.parallel == "column"
+        has_bias = any(m in checkpoint.biases for m in modules)
+        biases = [checkpoint.biases.get(m, torch.zeros(every_module[m])) for m in modules]
         if column:
             # A module stored fused is split by vLLM into segments before sharding: not worked out here.
             assert projection.segments == 1 or tp_size == 1, "fused-on-disk modules: TP 1 only"
             biases = [b.chunk(tp_size)[tp_rank] for b in biases]
-        state[f"{module.rsplit('.', 1)[0]}.{projection.vllm_layer}"] = {
-            "thresholds": [checkpoint.config.thresholds[m] for m in modules for _ in range(projection.segments)],
-            "bias": torch.cat(biases).tolist(),
-            "adds_bias": column or tp_rank == 0,
+        state[layer] = {
+            "thresholds": [float(checkpoint.config.thresholds.get(m, 0.0)) for m in modules
+                           for _ in range(projection.segments)],
+            "bias": torch.cat(biases).tolist() if has_bias else None,
+            "adds_bias": has_bias and (column or tp_rank == 0),
         }
     return dict(sorted(state.items()))
