@@ -91,9 +91,9 @@ class SponDenseLinearMethod(SponLinearMethod):
         # One threshold for the whole layer (always, unless `calibrate --allocation greedy` or `--projections`
         # naming part of a fused layer), on a GPU: threshold in traced code, where torch.compile fuses S(x) into
         # the op that produced x (RMSNorm, SiLU-and-mul) instead of a separate pass over x, and the op then sees
-        # an already-sparse input. On the CPU the kernel
-        # compares each input with its threshold as it packs the kept ones, so a pass before it only adds work
-        # (five small ops a layer when eager) and the same bits come out either way.
+        # an already-sparse input. On the CPU the kernel compares each input with its threshold as it packs the
+        # kept ones, so a pass before it only adds work (five small ops a layer when eager) and the same bits come
+        # out either way.
         self.presparsify = len(set(layer.spon_threshold.tolist())) == 1 and layer.weight.device.type != "cpu"
         kernels.prepare(layer.weight.device, layer.input_size_per_partition)
         # On the CPU the C++ op itself (one kernel for every token count, nothing to choose in Python), built or
@@ -117,7 +117,8 @@ class SponQuantizedLinearMethod(SponLinearMethod):
 
     Segments whose thresholds differ need differently thresholded inputs: one inner matmul per distinct
     threshold (known once loaded), its output columns stitched by segment. Calibration's default allocation
-    gives one threshold per input site, hence one matmul.
+    gives one threshold per input site, hence one matmul (unless `--projections` leaves part of a fused layer
+    dense: its threshold 0 is a second one).
     """
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
