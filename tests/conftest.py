@@ -76,7 +76,7 @@ def tiny_model(tiny_llama_dir, tmp_path_factory) -> Path:
 def spon_checkpoint_dir(example_model_dir) -> Path:
     """The example model calibrated at 50% with a small budget (overlay checkpoint, about 5 min on 2 cores). 60
     steps: at 30 its held-out gain over TEAL depended on the machine (5% of the gap on 2 AMD EPYC cores, above the
-    test's 10% on the Intel machines before); at 60 it was 32% on the AMD cores."""
+    test's 10% on the machines CI ran on before); at 60 it was 32% on the AMD cores."""
     from vllm_spon.calibration.pipeline import CalibrationArgs, calibrate
     from vllm_spon.format.checkpoint import is_spon_checkpoint
 
