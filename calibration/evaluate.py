@@ -38,6 +38,14 @@ def perplexity(model: SparseModel, windows: torch.Tensor, mode: Mode, batch_size
     return math.exp(nll / count)
 
 
+def perplexity_and_sparsity(model: SparseModel, windows: torch.Tensor, mode: Mode) -> tuple[float, float]:
+    """(perplexity, parameter-weighted sparsity) from one pass: evaluation reads both on the same windows, and a
+    separate sparsity pass cost a forward over them again."""
+    with model.count_sparsity() as counter:
+        ppl = perplexity(model, windows, mode)
+    return ppl, counter.weighted(model.linears)
+
+
 @torch.no_grad()
 def measure_sparsity(model: SparseModel, windows: torch.Tensor, mode: Mode, batch_size: int = 8
                      ) -> tuple[float, dict[str, float]]:
@@ -112,11 +120,9 @@ def compare_methods(
     thresholds rescaled to SPON's sparsity (`match_sparsity`). Leaves the model with `thresholds`."""
     model.set_thresholds(teal_thresholds)
     dense = perplexity(model, windows, "dense")
-    teal = perplexity(model, windows, "teal")
-    teal_sparsity, _ = measure_sparsity(model, windows, "teal")
+    teal, teal_sparsity = perplexity_and_sparsity(model, windows, "teal")
     model.set_thresholds(thresholds)
-    spon = perplexity(model, windows, method_mode)
-    spon_sparsity, _ = measure_sparsity(model, windows, method_mode)
+    spon, spon_sparsity = perplexity_and_sparsity(model, windows, method_mode)
     rescaled = {}
     if abs(teal_sparsity - spon_sparsity) > MATCHED_SPARSITY:
         scale, reached = match_sparsity(model, windows, teal_thresholds, teal_sparsity, spon_sparsity)

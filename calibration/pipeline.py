@@ -16,6 +16,7 @@
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,12 @@ from vllm_spon.calibration.evaluate import compare_methods, measure_sparsity, pe
 from vllm_spon.calibration.site_choice import choose_sites
 from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model, load_tokenizer
 from vllm_spon.calibration.spon_training import Precision, TrainConfig, TrainingError, train_spon
-from vllm_spon.calibration.thresholds import MAX_MODULE_SPARSITY, fit_thresholds, greedy_allocation
+from vllm_spon.calibration.thresholds import (
+    MAX_MODULE_SPARSITY,
+    dense_thresholds,
+    fit_thresholds,
+    greedy_allocation,
+)
 from vllm_spon.format.checkpoint import check_output, now_iso, write_checkpoint
 from vllm_spon.format.identity import base_model_ref, model_family
 from vllm_spon.format.schema import (
@@ -168,19 +174,20 @@ def check_held_out(report: PerplexityReport, lr: float, steps: int) -> None:
 
 
 def refit_with_biases(sparse: SparseModel, stats_windows: torch.Tensor, module_sparsity: dict[str, float],
-                      args: CalibrationArgs) -> dict[str, float]:
+                      dense: dict[str, float], args: CalibrationArgs) -> dict[str, float]:
     """Refit the thresholds with the biases (trained vectors or fused) in place: they move activations a
-    little, and one pass on the model's own activations brings the sparsity back on target."""
+    little, and one pass on the model's own activations brings the sparsity back on target. `dense`: the
+    first fit's dense-pass thresholds (the same for every refit)."""
     return fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,
-                          mode_for_refine="spon", refine_passes=1, seed=args.seed, log=logger.info)
+                          mode_for_refine="spon", refine_passes=1, seed=args.seed, log=logger.info, dense=dense)
 
 
 def keep_helpful_biases(sparse: SparseModel, check_windows: torch.Tensor, teal_thresholds: dict[str, float],
-                        thresholds: dict[str, float], stats_windows: torch.Tensor,
-                        module_sparsity: dict[str, float], args: CalibrationArgs) -> tuple[dict[str, float], Method]:
+                        thresholds: dict[str, float], refit: Callable[[], dict[str, float]]
+                        ) -> tuple[dict[str, float], Method]:
     """Drop the biases of layers where they hurt on the check windows and refit the thresholds with the rest
-    (so SPON stays at the target sparsity): (thresholds, "spon"). When SPON is still no better than TEAL on
-    the check, the biases are cleared and the checkpoint is plain TEAL: (`teal_thresholds`, "teal")."""
+    (so SPON stays at the target sparsity, `refit`): (thresholds, "spon"). When SPON is still no better than
+    TEAL on the check, the biases are cleared and the checkpoint is plain TEAL: (`teal_thresholds`, "teal")."""
     trained = dict(sparse.fused_biases)
     choice = choose_sites(sparse, check_windows, teal_thresholds, thresholds, log=logger.info)
     chosen = choice.spon
@@ -188,7 +195,7 @@ def keep_helpful_biases(sparse: SparseModel, check_windows: torch.Tensor, teal_t
         # Zeroed biases move later layers' inputs: refit as after training, from the same statistics. The
         # choice was made before this refit, at a sparsity a little off target; at the target it may no longer
         # beat every bias (measured at 50%: 60.54 before the refit, 61.86 after, 60.90 with every bias).
-        refitted = refit_with_biases(sparse, stats_windows, module_sparsity, args)
+        refitted = refit()
         after_refit = perplexity(sparse, check_windows, "spon")
         logger.info(f"check perplexity after the refit: SPON (chosen) {after_refit:.3f}, SPON (every bias) "
                     f"{choice.spon:.3f}, TEAL {choice.teal:.3f}")
@@ -239,26 +246,26 @@ def calibrate(args: CalibrationArgs) -> Path:
                                             log=logger.info)
     else:
         module_sparsity = dict.fromkeys(sparse.linears, args.sparsity)
+    dense = dense_thresholds(sparse, stats_windows, module_sparsity, seed=args.seed)  # reused by every refit
     thresholds = fit_thresholds(sparse, stats_windows, module_sparsity, stats=args.threshold_stats,
-                                seed=args.seed, log=logger.info)
+                                seed=args.seed, log=logger.info, dense=dense)
     teal_thresholds = dict(thresholds)  # TEAL's own: the baseline SPON is measured against
+    refit = functools.partial(refit_with_biases, sparse, stats_windows, module_sparsity, dense, args)
 
     if args.method == "spon":
         # Dense statistics do not depend on the biases: only sequential ones are refitted.
-        refit = (functools.partial(refit_with_biases, sparse, stats_windows, module_sparsity, args)
-                 if args.threshold_stats == "sequential" else None)
+        sequential = args.threshold_stats == "sequential"
         train_spon(sparse, train_windows,
                    TrainConfig(args.steps, args.lr, args.windows_per_step, args.bias_space, args.seed,
                                precision=args.resolved_precision(), hidden_weight=args.hidden_weight,
                                rounds=args.refit_rounds, vector_decay=args.vector_decay),
-                   log=logger.info, between_rounds=refit)
+                   log=logger.info, between_rounds=refit if sequential else None)
         sparse.fuse_vectors()
-        if refit is not None:
+        if sequential:
             thresholds = refit()
     method: Method = args.method
     if method == "spon" and check:
-        thresholds, method = keep_helpful_biases(sparse, check_windows, teal_thresholds, thresholds, stats_windows,
-                                                 module_sparsity, args)
+        thresholds, method = keep_helpful_biases(sparse, check_windows, teal_thresholds, thresholds, refit)
     mode = "spon" if method == "spon" else "teal"
     achieved, per_module = measure_sparsity(sparse, stats_windows, mode)
     report = None

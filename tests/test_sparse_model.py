@@ -11,6 +11,7 @@ from vllm_spon.calibration.thresholds import (
     SiteSamples,
     block_inputs,
     block_tail_output,
+    dense_thresholds,
     fit_thresholds,
     greedy_allocation,
 )
@@ -60,6 +61,30 @@ def test_site_samples_quantile_is_exact_on_known_values():
     t = samples.threshold("model.layers.0.mlp.down_proj", 0.5)
     kept = (x.abs() > t).float().mean().item()
     assert abs(kept - 0.5) < 0.03  # sampled with replacement: within a few percent
+
+
+def test_site_samples_selection_equals_sorted_lookup():
+    # Thresholds are selected (kthvalue) unless sort() ran; both must return the same k-th smallest sample.
+    module = "model.layers.0.mlp.down_proj"
+    samples = SiteSamples(FAMILIES[0], per_site=50_000, num_batches=2, seed=3)
+    for batch in torch.randn(2, 40_000, generator=torch.Generator().manual_seed(2)):
+        samples.observe(module, batch)
+        samples.end_batch()
+    levels = [0.0, 1e-6, 0.1, 0.37, 0.5, 0.9, 0.99, 1.0]
+    selected = [samples.threshold(module, s) for s in levels]
+    samples.sort()
+    assert [samples.threshold(module, s) for s in levels] == selected
+    assert selected == sorted(selected) and selected[0] == 0.0 and selected[-1] > selected[-2]
+
+
+def test_refit_from_cached_dense_thresholds_is_identical(tiny, windows):
+    # The pipeline computes the dense pass once and passes it to every refit: same bits as recomputing it.
+    sparsity = dict.fromkeys(tiny.linears, 0.5)
+    recomputed = fit_thresholds(tiny, windows, sparsity, refine_passes=1, mode_for_refine="spon", seed=4)
+    cached = fit_thresholds(tiny, windows, sparsity, refine_passes=1, mode_for_refine="spon", seed=4,
+                            dense=dense_thresholds(tiny, windows, sparsity, seed=4))
+    assert cached == recomputed
+    assert cached != dense_thresholds(tiny, windows, sparsity, seed=4)  # the refine pass did change them
 
 
 @pytest.mark.parametrize("target", [0.25, 0.5, 0.7])
