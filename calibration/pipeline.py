@@ -102,8 +102,8 @@ class CalibrationArgs(BaseModel):
     refit_rounds: int = Field(
         default=1, ge=1, description="SPON training split into this many equal rounds, the thresholds refitted "
         "with the biases in place after each, so later rounds train against (nearly) the thresholds served "
-        "(1: one refit, after training; each extra round costs a refit, about 40 s for the example model on 2 "
-        "CPU cores; measured no better on held-out text, benchmarks/RESULTS.md)")
+        "(1: one refit, after training; each extra round costs a refit, one statistics pass, about 20 s for the "
+        "example model on 2 CPU cores; measured no better on held-out text, benchmarks/RESULTS.md)")
     hidden_weight: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, description="weight of a hidden-state term added to the KL "
         "loss: normalised MSE between the sparse and dense residual stream after every layer (0: logits only)")
