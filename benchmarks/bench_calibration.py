@@ -6,7 +6,8 @@ as `vllm-spon eval` does (`evaluate.compare_methods`): TEAL with the thresholds 
 (recorded in the checkpoint), SPON with thresholds refitted after its biases; both achieved sparsities are
 reported. Where they differ by more than 0.01 (on text unlike the calibration text), TEAL is measured again with
 its thresholds scaled to SPON's sparsity there; the gap recovered is taken only at matched sparsity.
-`--reevaluate` measures checkpoints already in the work directory again, as today's code measures.
+`--reevaluate` measures checkpoints already in the work directory again, as today's code measures. Each row
+records its settings; a rerun resumes only rows of the same settings and stops at any other (`--fresh` redoes).
 
     .venv/bin/python benchmarks/bench_calibration.py --workdir artifacts/bench [--sparsities 0.25,0.4,0.5,0.6,0.7]
 Writes results.json, results.md and perplexity_vs_sparsity.png to the work directory.
@@ -109,6 +110,17 @@ def markdown(results: list[dict]) -> str:
 OVERRIDES = ("steps", "hidden_weight", "data", "windows_per_step", "refit_rounds", "seed", "vector_decay", "allocation")
 
 
+def check_resumable(row_file: Path, recorded: dict | None, asked: dict, reevaluate: bool) -> None:
+    """A row is reused only for the run that made it: the same calibration overrides and, unless it is measured
+    again (`--reevaluate`), the same evaluation; otherwise another setting's numbers would be reported as these."""
+    if recorded is not None and recorded["calibrate"] == asked["calibrate"] and (reevaluate or recorded == asked):
+        return
+    what = "evaluated" if recorded is not None and recorded["calibrate"] == asked["calibrate"] else "calibrated"
+    raise SystemExit(f"{row_file} was {what} with settings {recorded} (none recorded: an older run), this run asks "
+                     f"{asked}: use another --workdir, --fresh to recalibrate over it"
+                     + (", or --reevaluate to measure it again" if what == "evaluated" else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench"))
@@ -152,18 +164,21 @@ def main() -> None:
             # one row per sparsity and recipe, so an interrupted run resumes
             row_file = checkpoint.with_name(checkpoint.name + ("" if served == "none" else f"-served-{served}"))
             row_file = row_file.with_suffix(".json")
+            extra = {k: v for k in OVERRIDES if (v := getattr(ns, k)) is not None}
+            settings = {"calibrate": extra, "teal_from": teal_from and str(teal_from), "eval_windows": ns.eval_windows}
             if row_file.is_file() and not ns.fresh:
                 results.append(json.loads(row_file.read_text()))
+                check_resumable(row_file, results[-1].get("settings"), settings, ns.reevaluate)
                 if ns.reevaluate:  # today's measurement of the checkpoint calibrated then
                     results[-1]["eval"] = evaluate_pair(model_dir, checkpoint, windows, served, teal_from)
+                    results[-1]["settings"] = settings
                     row_file.write_text(json.dumps(results[-1], indent=2))
                 continue
             t0 = time.perf_counter()
-            extra = {k: v for k in OVERRIDES if (v := getattr(ns, k)) is not None}
             calibrate(CalibrationArgs(model=model_dir, output=checkpoint, sparsity=s, layout="overlay",
                                       eval_data=None, overwrite=True, quantization=recipe, **extra))
             seconds = time.perf_counter() - t0
-            results.append({"sparsity": s, "calibrated_for": recipe, "calibration_s": seconds,
+            results.append({"sparsity": s, "calibrated_for": recipe, "settings": settings, "calibration_s": seconds,
                              "biases_kept": biases_kept(checkpoint), "teal_from": teal_from and str(teal_from),
                              "eval": evaluate_pair(model_dir, checkpoint, windows, served, teal_from)})
             row_file.write_text(json.dumps(results[-1], indent=2))

@@ -68,6 +68,13 @@ def load_text(spec: str) -> str:
     return text
 
 
+def same_source(a: str, b: str) -> bool:
+    """Whether two DATA arguments name one text (the same spec, alias or path)."""
+    a, b = HF_ALIASES.get(a.lower(), a), HF_ALIASES.get(b.lower(), b)
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
 def _read_path(path: Path) -> str:
     if path.is_file():
         files = [path]

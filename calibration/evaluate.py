@@ -9,6 +9,8 @@ zeroes there, and the gap is taken against that.
 """
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,9 +18,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, token_windows
+from vllm_spon.calibration.data import DEFAULT_EVAL_DATA, load_text, same_source, token_windows
 from vllm_spon.calibration.devices import Device, resolve_device
 from vllm_spon.calibration.sparse_model import Mode, SparseModel, load_hf_model, load_tokenizer
+from vllm_spon.format.atomic import OutputError
 from vllm_spon.format.checkpoint import load_checkpoint, read_config
 from vllm_spon.format.identity import model_family
 from vllm_spon.format.schema import MATCHED_SPARSITY, PerplexityReport, Quantization, SponConfig
@@ -168,6 +171,8 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
         "window": args.window,
         # Measured here, on these windows; `inspect` shows calibration's check on its own windows.
         "measured_on": f"{args.windows} x {args.window} tokens of {args.data}",
+        **({"warning": f"{args.data} is the text this checkpoint was calibrated on: not held out"}
+           if config.calibration is not None and same_source(config.calibration.data, args.data) else {}),
         "teal_thresholds": teal_label,
         "quantization": args.quantization,
         "calibrated_for_quantization": None if config.calibration is None else config.calibration.quantization,
@@ -187,6 +192,20 @@ def evaluate(args: EvalArgs) -> tuple[PerplexityReport, dict]:
         "gap_recovered": None if recovered is None else round(recovered, 4),
         "gap_recovered_note": report.gap_note(),
     }
+
+
+def check_plot_path(output: Path) -> None:
+    """Refuse, before any evaluation, a `--plot` that would fail or land elsewhere after it: an existing folder
+    or link (matplotlib would write `NAME.png` beside it) or a suffix matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output = Path(output)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if output.is_symlink() or output.is_dir():
+        raise OutputError(f"--plot {output} is an existing folder or link; give a file name such as plot.png")
+    if output.suffix.lstrip(".").lower() not in formats:
+        raise OutputError(f"--plot {output}: the file name must end in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))} (the image format)")
 
 
 def plot_checkpoint(checkpoint_dir: Path, output: Path, measured: PerplexityReport | None = None) -> Path:
@@ -225,6 +244,14 @@ def plot_checkpoint(checkpoint_dir: Path, output: Path, measured: PerplexityRepo
     fig.suptitle(title)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    handle, part = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=output.suffix)
+    os.close(handle)
+    try:
+        fig.savefig(part, dpi=110)
+        os.replace(part, output)  # a whole image at `output` or none: never a half-written one
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return output

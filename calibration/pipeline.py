@@ -29,6 +29,7 @@ from vllm_spon.calibration.data import (
     DEFAULT_EVAL_DATA,
     DataError,
     load_text,
+    same_source,
     token_windows,
 )
 from vllm_spon.calibration.devices import Device, resolve_device
@@ -142,6 +143,13 @@ class CalibrationArgs(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _held_out_text_is_not_the_calibration_text(self) -> "CalibrationArgs":
+        if self.eval_data is not None and same_source(self.data, self.eval_data):
+            raise ValueError(f"--eval-data {self.eval_data} is the calibration text (--data): its held-out check "
+                             "would read training tokens; give another --eval-data, or --no-eval")
+        return self
+
+    @model_validator(mode="after")
     def _reachable_by_the_allocation(self) -> "CalibrationArgs":
         if self.allocation != "uniform" and self.sparsity > MAX_MODULE_SPARSITY:
             raise ValueError(f"--allocation {self.allocation} reaches --sparsity up to {MAX_MODULE_SPARSITY} (no "
@@ -226,14 +234,15 @@ def calibrate(args: CalibrationArgs) -> Path:
     # statistics use the first `num_tokens` of it.
     all_windows = token_windows(tokenizer, load_text(args.data), args.window, None, source=f"--data {args.data}")
     check = args.check_windows if args.method == "spon" else 0
-    train_windows, check_windows = all_windows[:len(all_windows) - check], all_windows[len(all_windows) - check:]
     num_windows = max(1, args.num_tokens // args.window)
-    if len(train_windows) < num_windows:
+    needed = max(num_windows, args.windows_per_step if args.method == "spon" else 0)
+    if len(all_windows) - check < needed:
         raise DataError(
-            f"--data {args.data} has {all_windows.numel()} tokens, too short for {num_windows} windows of "
-            f"{args.window} tokens ({num_windows * args.window} needed for --num-tokens {args.num_tokens}) plus "
-            f"{check} held out (--check-windows); give more text or lower --num-tokens or --check-windows"
+            f"--data {args.data} has {len(all_windows)} windows of {args.window} tokens, too few for {needed} "
+            f"(--num-tokens {args.num_tokens}, --windows-per-step {args.windows_per_step}) plus {check} held out "
+            "(--check-windows); give more text or lower --num-tokens, --windows-per-step or --check-windows"
         )
+    train_windows, check_windows = all_windows[:len(all_windows) - check], all_windows[len(all_windows) - check:]
     stats_windows = train_windows[:num_windows]
     eval_windows = (token_windows(tokenizer, load_text(args.eval_data), args.eval_window, args.eval_windows,
                                   source=f"--eval-data {args.eval_data}") if args.eval_data else None)

@@ -7,7 +7,6 @@ sparsity on calibration tokens matches the target and methods can be compared at
 """
 
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,9 +24,11 @@ MAX_MODULE_SPARSITY = 0.99  # the greedy search never zeroes more of one module'
 class SiteSamples:
     """A uniform random subsample of |x| for every input site (modules that read one input share it)."""
 
-    def __init__(self, family: Family, per_site: int, num_batches: int, seed: int = 0):
+    def __init__(self, family: Family, per_site: int, num_tokens: int, seed: int = 0):
+        """`num_tokens`: all the batches' tokens together; each batch draws its share of `per_site`, so a short
+        last batch weighs no more per token than the others."""
         self.site = family.site
-        self.per_batch = max(1, math.ceil(per_site / num_batches))
+        self.per_site, self.num_tokens = per_site, num_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.samples: dict[str, list[torch.Tensor]] = {}
         self._values: dict[str, torch.Tensor] = {}  # per site, the samples concatenated on first use
@@ -41,7 +42,8 @@ class SiteSamples:
             return
         self._seen.add(key)
         flat = x.reshape(-1)
-        n = min(self.per_batch, flat.numel())
+        tokens = flat.numel() // x.shape[-1]
+        n = min(max(1, -(-self.per_site * tokens // self.num_tokens)), flat.numel())
         idx = torch.randint(flat.numel(), (n,), generator=self.generator).to(flat.device)
         self.samples.setdefault(site, []).append(flat[idx].abs().float().cpu())
         self._values.pop(site, None)
@@ -85,7 +87,7 @@ def collect_samples(
 ) -> SiteSamples:
     """Run `windows` through the model in `mode` and subsample every sparsifiable input."""
     batches = windows.split(batch_size)
-    samples = SiteSamples(model.family, per_site, len(batches), seed)
+    samples = SiteSamples(model.family, per_site, windows.numel(), seed)
     device = next(model.model.parameters()).device
     with model.use(mode), model.observe_inputs(samples.observe):
         for batch in tqdm(batches, desc=desc, leave=False):

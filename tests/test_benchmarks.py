@@ -1,5 +1,7 @@
 """The benchmark scripts' own logic that runs without a GPU."""
 
+import pytest
+
 from tests.conftest import load_benchmark
 
 
@@ -24,3 +26,20 @@ def test_profile_diff_matches_one_kernel_across_two_builds():
     assert lines[4] == "| triton_red_..._1 | 50.0 (2) | 60.0 (2) | +10.0 |"
     assert lines[5] == "| void cutlass::device_kernel<flash::enable_sm90_or_later | 50.0 (2) | 50.0 (2) | +0.0 |"
     assert len(lines) == 6
+
+
+def test_calibration_rows_resume_only_under_their_own_settings(tmp_path):
+    """A rerun in the same work directory reuses a row only if the same overrides made it: seed 1 must never
+    report seed 0's numbers; a new evaluation setting needs --reevaluate, and a row without settings is refused."""
+    check = load_benchmark("bench_calibration").check_resumable
+    row = tmp_path / "spon50.json"
+    seed0 = {"calibrate": {"seed": 0}, "teal_from": None, "eval_windows": 32}
+    check(row, seed0, dict(seed0), reevaluate=False)  # the same run resumed
+    with pytest.raises(SystemExit, match="was calibrated with"):
+        check(row, seed0, {**seed0, "calibrate": {"seed": 1}}, reevaluate=True)
+    more_windows = {**seed0, "eval_windows": 64}
+    with pytest.raises(SystemExit, match="--reevaluate"):
+        check(row, seed0, more_windows, reevaluate=False)
+    check(row, seed0, more_windows, reevaluate=True)
+    with pytest.raises(SystemExit, match="none recorded"):
+        check(row, None, seed0, reevaluate=True)

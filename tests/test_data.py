@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_spon.calibration.data import DataError, load_text, token_windows
+from vllm_spon.calibration.data import DataError, load_text, same_source, token_windows
 
 
 class CharTokenizer:
@@ -73,3 +73,12 @@ def test_builtin_mixed_prose_keeps_the_novel_at_three_quarters_in_every_part():
     assert len(novel) / len(mixed_text(0.9)) == pytest.approx(0.9, abs=0.01)
     with pytest.raises(DataError, match="novel_share"):
         mixed_text(0.0)
+
+
+def test_same_source_sees_through_aliases_and_paths(tmp_path, monkeypatch):
+    text = tmp_path / "notes.txt"
+    text.write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    assert same_source("notes.txt", str(text)) and same_source("wikitext-2", "hf:wikitext:wikitext-2-raw-v1:test")
+    assert not same_source("builtin:persuasion", "builtin:sense-and-sensibility")
+    assert not same_source("notes.txt", "builtin:persuasion")

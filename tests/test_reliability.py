@@ -163,6 +163,29 @@ def test_unwritable_plot_is_refused_before_the_evaluation(capsys, tiny_model, tm
     assert code == 1 and "choose a writable --plot" in line
 
 
+@pytest.mark.parametrize(("name", "message"), [("plot.txt", "must end in one of"), ("folder", "existing folder")])
+def test_a_plot_name_matplotlib_would_not_write_is_refused_before_the_evaluation(capsys, tiny_model, tmp_path,
+                                                                                 monkeypatch, name, message):
+    checkpoint = tiny_checkpoint(tiny_model, tmp_path / "ckpt")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr("vllm_spon.calibration.evaluate.load_tokenizer", lambda *_: pytest.fail("evaluation ran"))
+    code, line = run(capsys, "eval", checkpoint, "--plot", tmp_path / name)
+    assert code == 1 and message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "folder"]
+
+
+def test_the_plot_replaces_its_file_whole_and_leaves_no_temporary(tiny_model, tmp_path):
+    from vllm_spon.calibration.evaluate import plot_checkpoint
+
+    checkpoint = tiny_checkpoint(tiny_model, tmp_path / "ckpt")
+    plot = tmp_path / "plots" / "thresholds.png"
+    plot.parent.mkdir()
+    plot.write_bytes(b"an older plot")
+    assert plot_checkpoint(checkpoint, plot) == plot
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in plot.parent.iterdir()] == ["thresholds.png"]
+
+
 def test_no_room_for_the_checkpoint_is_refused_before_any_work(capsys, tiny_model, tmp_path, monkeypatch,
                                                                no_heavy_work):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**30, 2**30, 0))
@@ -360,3 +383,22 @@ def test_eval_json_and_inspect_label_their_measurements(capsys, tiny_model, tmp_
     assert "thresholds" in report["teal_thresholds"]  # says which thresholds TEAL ran with
     assert main(["inspect", str(checkpoint)]) == 0
     assert "hand-made, not calibrated" in capsys.readouterr().out  # claims no measurement it did not make
+
+
+def test_the_calibration_text_is_refused_as_held_out_text(capsys, tiny_model, tmp_path, no_heavy_work):
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", *TINY_BUDGET,
+                     "--data", "builtin:persuasion", "--eval-data", "builtin:persuasion")
+    assert code == 2 and "is the calibration text" in line and "--no-eval" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra", [["--check-windows", "8"], ["--windows-per-step", "8"]])
+def test_too_few_windows_for_training_and_the_check_is_refused(capsys, tiny_model, tmp_path, extra):
+    # 6 windows of 32 tokens: 1 for statistics, but not 8 held out (or 8 a step) beside it. Slices counted
+    # from the end used to train on 4 and check on 2 without a word.
+    text = tmp_path / "short.txt"
+    text.write_text("abcdefgh" * 24)  # 192 byte-level tokens
+    budget = [*TINY_BUDGET, "--num-tokens", "32", "--data", text, "--no-eval", *extra]
+    code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", *budget)
+    assert code == 1 and "has 6 windows of 32 tokens, too few for" in line
+    assert not (tmp_path / "out").exists()

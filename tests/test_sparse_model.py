@@ -55,7 +55,7 @@ def test_zero_thresholds_are_dense(tiny, windows):
 
 
 def test_site_samples_quantile_is_exact_on_known_values():
-    samples = SiteSamples(FAMILIES[0], per_site=10_000, num_batches=1)
+    samples = SiteSamples(FAMILIES[0], per_site=10_000, num_tokens=1)  # one token of 1000 features
     x = torch.arange(1, 1001, dtype=torch.float32)  # |x| = 1..1000
     samples.observe("model.layers.0.mlp.down_proj", x)
     t = samples.threshold("model.layers.0.mlp.down_proj", 0.5)
@@ -66,7 +66,7 @@ def test_site_samples_quantile_is_exact_on_known_values():
 def test_site_samples_selection_equals_sorted_lookup():
     # Thresholds are selected (kthvalue) unless sort() ran; both must return the same k-th smallest sample.
     module = "model.layers.0.mlp.down_proj"
-    samples = SiteSamples(FAMILIES[0], per_site=50_000, num_batches=2, seed=3)
+    samples = SiteSamples(FAMILIES[0], per_site=50_000, num_tokens=2, seed=3)
     for batch in torch.randn(2, 40_000, generator=torch.Generator().manual_seed(2)):
         samples.observe(module, batch)
         samples.end_batch()
@@ -75,6 +75,16 @@ def test_site_samples_selection_equals_sorted_lookup():
     samples.sort()
     assert [samples.threshold(module, s) for s in levels] == selected
     assert selected == sorted(selected) and selected[0] == 0.0 and selected[-1] > selected[-2]
+
+
+def test_site_samples_draw_from_each_batch_in_proportion_to_its_tokens():
+    # 9 windows in batches of 8 and 1: the short last batch must not weigh 8x per token in the quantiles.
+    module = "model.layers.0.mlp.down_proj"
+    samples = SiteSamples(FAMILIES[0], per_site=9_000, num_tokens=9 * 16)
+    for windows in (8, 1):
+        samples.observe(module, torch.randn(windows, 16, 64))
+        samples.end_batch()
+    assert [len(s) for s in samples.samples[FAMILIES[0].site(module)]] == [8_000, 1_000]
 
 
 def test_refit_from_cached_dense_thresholds_is_identical(tiny, windows):

@@ -40,12 +40,13 @@ def _calibrate(ns: argparse.Namespace) -> None:
 
 
 def _eval(ns: argparse.Namespace) -> None:
-    from vllm_spon.calibration.evaluate import EvalArgs, evaluate, plot_checkpoint
+    from vllm_spon.calibration.evaluate import EvalArgs, check_plot_path, evaluate, plot_checkpoint
     from vllm_spon.format.atomic import writable_folder
 
     args = EvalArgs(**_model_fields(ns, EvalArgs))
-    if ns.plot:
-        writable_folder(ns.plot, "--plot")  # before the perplexities, not after
+    if ns.plot:  # before the perplexities, not after
+        check_plot_path(ns.plot)
+        writable_folder(ns.plot, "--plot")
     report, result = evaluate(args)
     if ns.plot:
         plot_checkpoint(ns.checkpoint, ns.plot, measured=report)
