@@ -1,10 +1,13 @@
-"""Output directories that appear whole or not at all, and replace only what vllm-spon itself wrote.
+"""Output directories that appear whole or not at all, and replace only a previous output of vllm-spon.
 
-A directory is written as a hidden temporary sibling of its final path, marked unfinished, and renamed into
-place at the end; with `overwrite`, the previous output is swapped out and deleted only after the new one is
-in place. SIGINT and SIGTERM become `Interrupted` (under `interruptible()`), so the temporary is removed on
-the way out; during the final renames they are deferred, so no run ends between them. A temporary left by a
-killed run (SIGKILL, power loss) is marked unfinished, so no tool takes it for a finished output, and the
+What counts as a previous output is the caller's `replaceable` test: by default a folder carrying the
+`.vllm-spon` marker; for checkpoints, any folder holding `spon/config.json` (`is_spon_checkpoint`).
+A directory is written as a hidden temporary sibling of its final path, marked unfinished, flushed to disk
+and renamed into place at the end; with `overwrite`, the previous output is swapped out and deleted only
+after the new one is in place on disk. SIGINT and SIGTERM become `Interrupted` (under `interruptible()`), so
+the temporary is removed on the way out; during the final renames they are deferred, so no run ends between
+them, and the `Interrupted` raised after them names the output now in place (`written`). A temporary left by
+a killed run (SIGKILL, power loss) is marked unfinished, so no tool takes it for a finished output, and the
 next write to the same path deletes it once the process that made it is gone.
 """
 
@@ -23,7 +26,8 @@ from pathlib import Path
 
 logger = logging.getLogger("vllm_spon.format")
 
-# In every finished output directory: lets `overwrite` tell vllm-spon's own outputs from the user's files.
+# In every finished output directory: the default test (`written_by_vllm_spon`) of what `overwrite` may replace;
+# checkpoints are judged by `is_spon_checkpoint` instead.
 OWNER_MARKER = ".vllm-spon"
 # In a temporary directory until it is renamed into place: {"pid": ..., "host": ...} of the writer.
 UNFINISHED_MARKER = ".vllm-spon-unfinished"
@@ -42,6 +46,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        # The output the final renames had put in place, whole, when the signal was delivered (else None):
+        # the run was interrupted, but its output was written and any previous one is gone.
+        self.written: Path | None = None
 
 
 def written_by_vllm_spon(path: Path) -> bool:
@@ -72,8 +79,9 @@ def interruptible() -> Iterator[None]:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done (a rename pair must not be split), then deliver them.
+def _signals_deferred(written: Path) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (a rename pair must not be split), then deliver them; if
+    the block completed, the `Interrupted` they raise names `written`, so no one takes it for still absent.
 
     A Python handler, not a signal mask: process signals may land on any of torch's threads, but Python
     handlers always run in the main thread, between bytecodes.
@@ -83,13 +91,35 @@ def _signals_deferred() -> Iterator[None]:
         return
     arrived: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum)) for s in _SIGNALS}
+    completed = False
     try:
         yield
+        completed = True
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         for signum in arrived[:1]:
-            signal.raise_signal(signum)
+            try:
+                signal.raise_signal(signum)  # runs the restored handler now, in this thread
+            except Interrupted as e:
+                if completed:
+                    e.written = written
+                raise
+
+
+def _fsync(path: Path, tree: bool = False) -> None:
+    """Flush `path` to disk (with `tree`, every file and folder under it too, links not followed: an
+    overlay's links name the base model's files). A rename may reach the disk before the data it names, so
+    without this a power loss after the previous output is deleted can lose both."""
+    paths = [path]
+    if tree:
+        paths += [p for p in path.rglob("*") if not p.is_symlink() and (p.is_file() or p.is_dir())]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -178,20 +208,23 @@ def atomic_directory(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
         yield tmp
         (tmp / OWNER_MARKER).write_text("written by vllm-spon\n")
-        with _signals_deferred():
+        _fsync(tmp, tree=True)  # the long part, before the deferral: a signal here still leaves nothing
+        with _signals_deferred(final):
             (tmp / UNFINISHED_MARKER).unlink()
-            if final.exists():
-                old = tmp.with_name(tmp.name.replace(_TMP_INFIX, _OLD_INFIX))  # unique, as tmp's name is
+            _fsync(tmp)  # the marker's removal too, or a power loss could leave the output marked unfinished
+            # Where the previous output is swapped out to: unique, as tmp's name is.
+            old = tmp.with_name(tmp.name.replace(_TMP_INFIX, _OLD_INFIX)) if final.exists() else None
+            if old:
                 os.replace(final, old)
-                os.replace(tmp, final)
+            os.replace(tmp, final)
+            _fsync(final.parent)  # the renames are on disk before the previous output is deleted
+            if old:
                 _mark_unfinished(old)
                 try:
                     shutil.rmtree(old)
                 except OSError as e:
                     logger.warning(f"wrote {final}, but could not delete the previous output, moved to {old} "
                                    f"({e}); delete it")
-            else:
-                os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once tmp is renamed into place (`Interrupted.written`)
         raise

@@ -402,3 +402,48 @@ def test_too_few_windows_for_training_and_the_check_is_refused(capsys, tiny_mode
     code, line = run(capsys, "calibrate", tiny_model, "--output", tmp_path / "out", *budget)
     assert code == 1 and "has 6 windows of 32 tokens, too few for" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_during_the_final_renames_says_the_new_checkpoint_was_written(tiny_model, tmp_path):
+    """A script that sees the non-zero exit must not believe the previous checkpoint is still there."""
+    previous = tiny_checkpoint(tiny_model, tmp_path / "out")
+    script = SIGNAL_AT.format(module="atomic", function="os.replace", signal="SIGTERM")
+    result = subprocess.run([sys.executable, "-c", script, "calibrate", str(tiny_model), "--output", str(previous),
+                             "--overwrite", "--no-eval", *TINY_BUDGET], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert f"interrupted (SIGTERM) after {previous} was written in full" in result.stderr
+    assert "nothing half-written" not in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert load_checkpoint(previous).config.calibration is not None  # the new one: the hand-made one has none
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    status = os.stat(path, follow_symlinks=False)
+    return status.st_dev, status.st_ino
+
+
+@pytest.mark.parametrize("layout", ["full", "overlay"])
+def test_the_new_checkpoint_is_on_disk_before_the_previous_one_is_deleted(tiny_model, tmp_path, monkeypatch, layout):
+    """So a power loss leaves one of the two whole: every file and folder of the new checkpoint and the rename
+    (its parent) are flushed before the old one is deleted; an overlay's links are not followed into the base."""
+    output = tiny_checkpoint(tiny_model, tmp_path / "out", layout)
+    events: list[tuple[int, int] | str] = []  # the inode of each fsync, the name of each deleted tree
+    fsync, rmtree = os.fsync, shutil.rmtree
+
+    def recording_fsync(fd: int) -> None:
+        status = os.fstat(fd)
+        events.append((status.st_dev, status.st_ino))
+        fsync(fd)
+
+    def recording_rmtree(path, *args, **kwargs) -> None:
+        events.append(Path(path).name)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(shutil, "rmtree", recording_rmtree)
+    tiny_checkpoint(tiny_model, output, layout)
+    deleted = next(i for i, e in enumerate(events) if str(e).startswith(".out.vllm-spon-old."))
+    written = [output, *output.rglob("*")]
+    assert {_inode(p) for p in written if not p.is_symlink()} | {_inode(tmp_path)} <= set(events[:deleted])
+    assert (layout == "overlay") == any(p.is_symlink() for p in written)
+    assert not {_inode(p) for p in tiny_model.rglob("*")} & set(events)

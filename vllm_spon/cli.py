@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"error: {e}", 1)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        return fail(f"interrupted ({signal.Signals(signum).name}); nothing half-written is left", 128 + signum)
+        written = getattr(e, "written", None)  # the signal came during the final renames, and waited for them
+        outcome = f" after {written} was written in full" if written else "; nothing half-written is left"
+        return fail(f"interrupted ({signal.Signals(signum).name}){outcome}", 128 + signum)
     return 0
 
 
