@@ -135,7 +135,7 @@ def test_spon_worse_than_teal_on_the_check_writes_plain_teal(tiny_model, tmp_pat
     monkeypatch.setattr(pipeline, "train_spon", harmful_training)
     output = pipeline.calibrate(pipeline.CalibrationArgs(
         model=tiny_model, output=tmp_path / "ckpt", sparsity=0.5, data=str(data), num_tokens=256, window=32,
-        steps=2, eval_data=str(data), eval_windows=1, eval_window=32, check_windows=4))
+        steps=2, eval_data="builtin:persuasion", eval_windows=1, eval_window=32, check_windows=4))
     every = token_windows(load_tokenizer(tiny_model), load_text(str(data)), 32, None)
     assert seen["windows"].equal(every[:-4])
     ckpt = load_checkpoint(output)

@@ -92,7 +92,14 @@ def test_a_token_gets_the_same_bits_alone_and_in_any_batch(dtype, presparsified)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 11])
 def test_portable_loop_gives_the_same_bits(dtype, tokens):
-    """The loop CPUs without AVX-512 run computes the same FMA chains as the vectorised kernel."""
+    """The loop CPUs without AVX-512 run computes the same FMA chains as the vectorised kernel (which the op
+    refuses to run without AVX-512: there this test has nothing to compare)."""
     ends = SEGMENTS["ragged"]
     x, w, thr, b = _problem(tokens, 70, ends, dtype)
-    assert torch.equal(cpu.sparse_linear(x, w, thr, ends, b, vectorized=False), cpu.sparse_linear(x, w, thr, ends, b))
+    try:
+        vectorized = cpu.sparse_linear(x, w, thr, ends, b, vectorized=True)
+    except RuntimeError as e:
+        if "needs AVX-512" not in str(e):
+            raise
+        pytest.skip("no AVX-512 (F, BW) here: only the portable loop runs")
+    assert torch.equal(cpu.sparse_linear(x, w, thr, ends, b, vectorized=False), vectorized)

@@ -10,7 +10,7 @@ import torch
 from tests.interpreter import INTERPRETER, interpreted, rerun_in_interpreter
 from tests.test_kernels import SEGMENTS, TOL, _problem, _rel_err
 from vllm_spon.kernels.fp8 import FP8_DTYPE, sparse_linear_fp8
-from vllm_spon.kernels.reference import sparse_linear_fp8_reference
+from vllm_spon.kernels.reference import sparse_linear_fp8_reference, sparsify
 
 if INTERPRETER:
     pytest.importorskip("triton")
@@ -158,9 +158,14 @@ def test_committed_fp8_tables():
         table = configs.table_for(name, fp8=True)
         assert all(c is None or (b == 1 and c.kind in ("rows", "compact", "compact_mma", "full_k", "gemv"))
                    for (_, _, b), c in table.items())
-    if not configs.table_for(configs.DEFAULT_GPU, fp8=True):  # what select(device=None) reads
-        for tokens in (1, 2, 16):
-            assert configs.select(4096, 14336, tokens, torch.bfloat16, fp8=True) is None
+
+
+def test_a_gpu_without_an_fp8_table_keeps_every_fp8_layer_dense(monkeypatch):
+    from vllm_spon.kernels import configs
+
+    monkeypatch.setattr(configs, "table_for", lambda name, fp8=False: {})
+    for tokens in (1, 2, 16):
+        assert configs.select(4096, 14336, tokens, torch.bfloat16, fp8=True) is None
 
 
 def test_cpu_entry_takes_dense_or_reference():
@@ -328,4 +333,8 @@ def test_fp8_layer_with_segment_thresholds_keeps_vllm_matmul():
     method.finalize(layer)
     assert method.rows is None
     x = torch.randn(1, 48, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(method.apply(layer, x), dense.apply(layer, x))
+    inner = Fp8FakeLinearMethod()  # vLLM's fp8 product, once per segment on that segment's thresholded x
+    want = torch.cat([inner.apply(layer, sparsify(x, t), layer.spon_bias)[:, start:end]
+                      for t, start, end in ((0.5, 0, 24), (0.2, 24, 32), (0.9, 32, 48))], dim=-1)
+    assert torch.equal(method.apply(layer, x), want)
+    assert not torch.equal(want, inner.apply(layer, sparsify(x, 0.5), layer.spon_bias))  # the thresholds matter

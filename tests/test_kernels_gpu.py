@@ -196,9 +196,10 @@ def test_fp8_entry_without_table_entry_takes_dense():
 
     k, ends = SHAPES["gate_up"]
     x, w8, scale, thr, b = _fp8_problem(k, ends, per_channel=True)
-    if configs.select(k, ends[-1], 1, x.dtype, x.device, fp8=True) is None:
-        marker = torch.zeros(1, ends[-1], dtype=x.dtype, device="cuda")
-        assert sparse_linear_fp8(x, w8, scale, thr, ends, b, dense=lambda _: marker) is marker
+    x = x.expand(2, -1).contiguous()  # fp8 tables hold one-token entries only: two tokens have none
+    assert configs.select(k, ends[-1], 2, x.dtype, x.device, fp8=True) is None
+    marker = torch.zeros(2, ends[-1], dtype=x.dtype, device="cuda")
+    assert sparse_linear_fp8(x, w8, scale, thr, ends, b, dense=lambda _: marker) is marker
 
 
 @pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "dot"])

@@ -1,11 +1,13 @@
 """vLLM's CPU build with `load_format="spon"` against the calibration module's reference sparse model
 (fp32, the example model). One engine at a time: each is shut down before the next starts."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from tests.reference_cases import DENSE_PROMPTS, dense_greedy, tokenize
+from tests.reference_cases import DENSE_PROMPTS, dense_greedy, random_biases, token_logprobs, tokenize
 from tests.vllm_probes import (
     engine,
     expected_state,
@@ -92,3 +94,43 @@ def test_fp8_per_channel_serves_with_sparsity_in_effect(spon_reference_case, exa
                                                                     strict=True)])
     assert np.abs(fp8_change).mean() > 0.1
     assert np.corrcoef(fp8_change, fp32_change)[0, 1] > 0.5
+
+
+def test_fp8_per_channel_on_a_tiny_model_serves_with_sparsity_in_effect(tiny_model, tmp_path):
+    """The test above on a 2-layer model, where vLLM's CPU fp8 fallback loop is fast enough without AMX-FP8:
+    every layer takes SPON's method around vLLM's fp8 one, with the checkpoint's thresholds, and thresholds and
+    biases change fp8's output the way they change the fp32 reference's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_spon.calibration.handmade import write_handmade
+    from vllm_spon.calibration.sparse_model import SparseModel, load_hf_model
+
+    # `tiny_model`'s tokenizer on a model with heads of 64 (vLLM's CPU attention refuses the fixture's 16)
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+                     ).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, model_dir / name)
+    reference = SparseModel(load_hf_model(model_dir))
+    thresholds = dict.fromkeys(reference.linears, 0.5)
+    reference.set_thresholds(thresholds)
+    reference.fused_biases = random_biases(reference, 0.3)
+    checkpoint = write_handmade(model_dir, tmp_path / "ckpt", thresholds, reference.fused_biases)
+    sequences = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0)).tolist()
+    fp8 = {"quantization": "fp8_per_channel", "dtype": "bfloat16", "max_model_len": 256}
+    with engine(str(checkpoint), load_format="spon", **fp8) as llm:
+        [state] = llm.apply_model(spon_state)
+        spon = prompt_logprobs(llm, sequences)
+    with engine(str(model_dir), **fp8) as llm:
+        dense = prompt_logprobs(llm, sequences)
+    assert {s["method"] for s in state.values()} == {"SponQuantizedLinearMethod(Fp8PtpcOnlineLinearMethod)"}
+    assert all(t == 0.5 for s in state.values() for t in s["thresholds"])
+    fp32 = {}
+    for mode in ("dense", "spon"):
+        with reference.use(mode):
+            fp32[mode] = np.concatenate([token_logprobs(reference, s) for s in sequences])
+    fp8_change = np.concatenate([np.subtract(s, d) for s, d in zip(spon, dense, strict=True)])
+    assert np.abs(fp8_change).mean() > 0.1  # measured 0.24
+    assert np.corrcoef(fp8_change, fp32["spon"] - fp32["dense"])[0, 1] > 0.9  # measured 0.999
