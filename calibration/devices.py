@@ -31,3 +31,18 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation on `device` can take now (a CUDA device's free memory; on the CPU, Linux's
+    MemAvailable); 0 where it cannot be read, so callers treat an unknown as no room."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -70,9 +70,12 @@ def choose_sites(
     num_layers = len(model.decoder_layers())
     saved = dict(model.fused_biases)
 
-    def without(layers: set[int]) -> float:
+    def drop(layers: set[int]) -> None:
         model.fused_biases = {n: (torch.zeros_like(b) if model.family.layer_index(n) in layers else b)
                               for n, b in saved.items()}
+
+    def without(layers: set[int]) -> float:
+        drop(layers)
         return perplexity(model, check_windows, "spon")
 
     # One pass per group alone, then drop the helpful ones best-first, each kept only if the drop still helps
@@ -84,7 +87,7 @@ def choose_sites(
         trial = without(dropped | set(group)) if dropped else alone[group]
         if trial < best:
             dropped, best = dropped | set(group), trial
-    without(dropped)
+    drop(dropped)  # its perplexity is `best`, measured above
     choice = SiteChoice(tuple(sorted(dropped)), num_layers, dense, teal, spon, best)
     log(choice.summary())
     return choice

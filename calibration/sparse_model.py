@@ -209,6 +209,31 @@ class SparseModel:
             for (linear, _), weight in zip(self._unquantized, rounded, strict=True):
                 linear.weight.data = weight
 
+    def block_weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one copy of every block linear's weight in `dtype` (twice that on a quantized model, whose
+        unquantized originals are kept too): what `weights_in(dtype)` allocates."""
+        numel = sum(linear.weight.numel() for linear in sparsifiable_linears(self.model).values())
+        return numel * torch.empty((), dtype=dtype).element_size() * (2 if self._unquantized else 1)
+
+    @contextmanager
+    def weights_in(self, dtype: torch.dtype) -> Iterator["SparseModel"]:
+        """Every block linear computes with a copy of its weight cast to `dtype` (the unquantized originals too).
+        Under autocast to `dtype` the results are the same bits: autocast casts a weight that needs no gradient
+        on every call, which this pays once (about 8% of a bf16 SPON training step on 2 CPU cores). The
+        embeddings and the LM head (often tied to them) keep their weights."""
+        block = list(sparsifiable_linears(self.model).values())
+        own = [linear.weight.data for linear in block]
+        originals = self._unquantized
+        for linear, weight in zip(block, own, strict=True):
+            linear.weight.data = weight.to(dtype)
+        self._unquantized = [(linear, weight.to(dtype)) for linear, weight in originals]
+        try:
+            yield self
+        finally:
+            for linear, weight in zip(block, own, strict=True):
+                linear.weight.data = weight
+            self._unquantized = originals
+
     # --- parameters ------------------------------------------------------------------------------------
     def apply_checkpoint(self, checkpoint: SponCheckpoint) -> None:
         """Take a checkpoint's thresholds and fused biases (modules it does not list stay dense)."""

@@ -195,6 +195,46 @@ def test_vector_decay_shrinks_the_vectors_and_adds_its_penalty_to_the_loss(tiny_
     assert vector_penalty(params).item() == pytest.approx(sum(p.numel() for p in params) * 1e-4, rel=1e-5)
 
 
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_bf16_training_on_weight_copies_is_autocast_training_bit_for_bit(tiny_llama_dir, monkeypatch, quantization):
+    """bf16 training copies the block weights to bf16 once instead of autocast casting them on every call: the
+    same losses and vectors, the model's own weights back for the refit between rounds and after training, and
+    the casting path where the copies would not fit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_spon.calibration import spon_training
+    from vllm_spon.calibration.sparse_model import SparseModel
+    from vllm_spon.calibration.spon_training import TrainConfig, train_spon
+
+    model = SparseModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    model.quantize(quantization)
+    model.set_thresholds(dict.fromkeys(model.linears, 0.05))
+    weights = {name: linear.weight for name, linear in model.linears.items()}
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    dtypes_between_rounds: list[set[torch.dtype]] = []
+
+    def refit() -> None:  # what the pipeline's refit sees: float32 weights, a float32 forward that runs
+        dtypes_between_rounds.append({linear.weight.dtype for linear in model.linears.values()})
+        with torch.no_grad(), model.use("teal"):
+            model.logits(windows)
+
+    config = TrainConfig(steps=4, precision="bf16", rounds=2)
+    messages: list[str] = []
+    runs = {}
+    for free in ("plenty", "none"):
+        if free == "none":
+            monkeypatch.setattr(spon_training, "free_memory_bytes", lambda _device: 0)
+        losses = train_spon(model, windows, config, log=messages.append, between_rounds=refit)
+        runs[free] = (losses, [v.detach().clone() for v in model.vectors.values()])
+    assert runs["plenty"][0] == runs["none"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["plenty"][1], runs["none"][1], strict=True))
+    assert any("copied to bf16" in m for m in messages) and any("casts the weights" in m for m in messages)
+    assert dtypes_between_rounds == [{torch.float32}, {torch.float32}]
+    assert all(linear.weight is weights[name] for name, linear in model.linears.items())
+    assert all(linear.weight.dtype == torch.float32 for linear in model.linears.values())
+
+
 def test_calibrate_passes_hidden_weight_to_training(tiny_model, tmp_path, monkeypatch):
     from vllm_spon.calibration import pipeline
 
