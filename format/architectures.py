@@ -54,14 +54,18 @@ class Projection:
     # vLLM output segments this one module spans: 1, or more where the checkpoint stores a fused module
     # (Phi-3's `qkv_proj`: 3) that vLLM splits like its own fused layer; one threshold covers them all.
     segments: int = 1
+    # Each output row belongs to one query position and nothing else reads it (the queries, the attention's
+    # output projection): greedy allocation, which measures a block on its last positions, computes only those.
+    per_query: bool = False
 
 
 # The Llama block, which every family below shares (they differ in what surrounds these linears).
 LLAMA_BLOCK = (
-    Projection("q_proj", "self_attn", "attn_in", "qkv_proj", "column", lambda s: s.heads * s.head_dim),
+    Projection("q_proj", "self_attn", "attn_in", "qkv_proj", "column", lambda s: s.heads * s.head_dim,
+               per_query=True),
     Projection("k_proj", "self_attn", "attn_in", "qkv_proj", "column", lambda s: s.kv_heads * s.head_dim),
     Projection("v_proj", "self_attn", "attn_in", "qkv_proj", "column", lambda s: s.kv_heads * s.head_dim),
-    Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden),
+    Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden, per_query=True),
     Projection("gate_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: s.intermediate),
     Projection("up_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: s.intermediate),
     Projection("down_proj", "mlp", "mlp_out", "down_proj", "row", lambda s: s.hidden),
@@ -71,7 +75,7 @@ LLAMA_BLOCK = (
 PHI3_BLOCK = (
     Projection("qkv_proj", "self_attn", "attn_in", "qkv_proj", "column",
                lambda s: (s.heads + 2 * s.kv_heads) * s.head_dim, segments=3),
-    Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden),
+    Projection("o_proj", "self_attn", "attn_out", "o_proj", "row", lambda s: s.hidden, per_query=True),
     Projection("gate_up_proj", "mlp", "mlp_in", "gate_up_proj", "column", lambda s: 2 * s.intermediate, segments=2),
     Projection("down_proj", "mlp", "mlp_out", "down_proj", "row", lambda s: s.hidden),
 )

@@ -191,10 +191,10 @@ def test_every_family_of_the_table_has_a_case_here():
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_greedy_shortcuts_give_the_plain_block_output(name, tmp_path):
-    """Greedy allocation's shortcuts (the MLP on the measured positions only, the attention's output reused
-    while its thresholds stay) give every block's output as the plain forward does, whatever surrounds the
-    MLP in the family (post-norms, residual multipliers, fused gate/up), also when attention's thresholds
-    change after an MLP-only change."""
+    """Greedy allocation's shortcuts (the MLP, the queries and the attention's output projection on the measured
+    positions only, the attention's output reused while its thresholds stay) give every block's output as the
+    plain forward does, whatever surrounds them in the family (q/k norms, soft-capping, post-norms, residual
+    multipliers, fused q/k/v and gate/up), also when attention's thresholds change after an MLP-only change."""
     sparse = SparseModel(load_hf_model(write_model(SPECS[name], tmp_path / "model")))
     windows = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     samples = collect_samples(sparse, windows, "dense", 2, 1 << 12)
