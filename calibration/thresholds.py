@@ -255,10 +255,10 @@ def block_tail_output(model: SparseModel, index: int, args: tuple, kwargs: dict,
     last `tail` positions, where greedy measures error. With `shortcuts` (the same allocation on the example
     model; the MLP's made the search 2.2x faster, the query rows' 1.2x more), the MLP, the queries and the
     attention's output projection run on those positions only (keys and values on all), and the attention's
-    output is reused while its thresholds are unchanged;
-    without, the plain block forward they must match. The values match to rounding: a down_proj input whose
-    gate/up are not sparsified can differ in its last bit, and one that sits exactly on its threshold
-    (thresholds are sampled activations) can then be kept by one and dropped by the other."""
+    output is reused while its thresholds are unchanged; without, the plain block forward they must match.
+    The values match to rounding: a down_proj input whose gate/up are not sparsified can differ in its last
+    bit, and one that sits exactly on its threshold (thresholds are sampled activations) can then be kept by
+    one and dropped by the other."""
     layer = model.decoder_layers()[index]
     parent = {p.reads: p.parent for p in model.family.block}
     attention = [m for m, (i, p) in ((m, model.family.parse(m)) for m in model.linears)
