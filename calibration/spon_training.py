@@ -147,28 +147,27 @@ def train_spon(
     bounds = [config.steps * k // config.rounds for k in range(config.rounds + 1)]
     bf16 = config.precision == "bf16"
     start = time.perf_counter()
-    bar = tqdm(total=config.steps, desc=f"SPON training ({config.bias_space} space)", leave=False)
-    for round_start, round_end in itertools.pairwise(bounds):
-        with bf16_weight_copies(model, device, log if round_start == 0 else None) if bf16 else nullcontext():
-            for step in range(round_start, round_end):
-                if cursor + config.windows_per_step > len(order):
-                    order, cursor = torch.randperm(len(windows), generator=generator), 0
-                batch = windows[order[cursor: cursor + config.windows_per_step]].to(device)
-                cursor += config.windows_per_step
-                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                    loss, kl = distillation_loss(model, batch, config, params)
-                check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if extra else {}))
-        if between_rounds is not None and round_end < config.steps:
-            between_rounds()  # outside the copies: the refit's float32 passes read the model's own weights
-    bar.close()
+    with tqdm(total=config.steps, desc=f"SPON training ({config.bias_space} space)", leave=False) as bar:
+        for round_start, round_end in itertools.pairwise(bounds):
+            with bf16_weight_copies(model, device, log if round_start == 0 else None) if bf16 else nullcontext():
+                for step in range(round_start, round_end):
+                    if cursor + config.windows_per_step > len(order):
+                        order, cursor = torch.randperm(len(windows), generator=generator), 0
+                    batch = windows[order[cursor: cursor + config.windows_per_step]].to(device)
+                    cursor += config.windows_per_step
+                    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                        loss, kl = distillation_loss(model, batch, config, params)
+                    check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    losses.append(loss.item())
+                    bar.update()
+                    bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if extra else {}))
+            if between_rounds is not None and round_end < config.steps:
+                between_rounds()  # outside the copies: the refit's float32 passes read the model's own weights
     terms = ["KL"] + ["hidden term"] * hidden + ["vector decay"] * (config.vector_decay > 0)
     what = f"loss ({' + '.join(terms)})" if extra else "KL"
     rounds = f" ({config.rounds} rounds, thresholds refitted between)" if config.rounds > 1 and between_rounds else ""
