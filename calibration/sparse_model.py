@@ -213,7 +213,7 @@ class SparseModel:
         """Bytes of one copy of every block linear's weight in `dtype` (twice that on a quantized model, whose
         unquantized originals are kept too): what `weights_in(dtype)` allocates."""
         numel = sum(linear.weight.numel() for linear in sparsifiable_linears(self.model).values())
-        return numel * torch.empty((), dtype=dtype).element_size() * (2 if self._unquantized else 1)
+        return numel * dtype.itemsize * (2 if self._unquantized else 1)
 
     @contextmanager
     def weights_in(self, dtype: torch.dtype) -> Iterator["SparseModel"]:

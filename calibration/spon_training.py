@@ -15,7 +15,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,19 +106,17 @@ def distillation_loss(model: SparseModel, batch: torch.Tensor, config: TrainConf
     return loss, kl
 
 
-def bf16_weight_copies(model: SparseModel, device: torch.device, log: Callable[[str], None] | None
-                       ) -> AbstractContextManager:
-    """Block weights copied to bf16 for bf16 training where the copies take at most half the free memory (the
-    same results, about 8% less time a step: `SparseModel.weights_in`); else autocast casts them every call."""
+def bf16_copies_fit(model: SparseModel, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether bf16 training computes with bf16 copies of the block weights (`SparseModel.weights_in`: the same
+    results, about 8% less time a step): where they take at most half the free memory; else autocast casts the
+    weights on every call."""
     needed, free = model.block_weight_bytes(torch.bfloat16), free_memory_bytes(device)
     if needed > free // 2:
-        if log is not None:
-            log(f"bf16 training casts the weights on every call: copies would take {needed / 2**30:.2f} GiB of "
-                f"{free / 2**30:.2f} GiB free on {device}")
-        return nullcontext()
-    if log is not None:
-        log(f"bf16 training: block weights copied to bf16 once ({needed / 2**30:.2f} GiB)")
-    return model.weights_in(torch.bfloat16)
+        log(f"bf16 training casts the weights on every call: copies would take {needed / 2**30:.2f} GiB of "
+            f"{free / 2**30:.2f} GiB free on {device}")
+        return False
+    log(f"bf16 training: block weights copied to bf16 once ({needed / 2**30:.2f} GiB)")
+    return True
 
 
 def train_spon(
@@ -146,10 +144,11 @@ def train_spon(
     extra = hidden or config.vector_decay > 0  # the loss is more than the KL
     bounds = [config.steps * k // config.rounds for k in range(config.rounds + 1)]
     bf16 = config.precision == "bf16"
+    copies = bf16 and bf16_copies_fit(model, device, log)
     start = time.perf_counter()
     with tqdm(total=config.steps, desc=f"SPON training ({config.bias_space} space)", leave=False) as bar:
         for round_start, round_end in itertools.pairwise(bounds):
-            with bf16_weight_copies(model, device, log if round_start == 0 else None) if bf16 else nullcontext():
+            with model.weights_in(torch.bfloat16) if copies else nullcontext():
                 for step in range(round_start, round_end):
                     if cursor + config.windows_per_step > len(order):
                         order, cursor = torch.randperm(len(windows), generator=generator), 0
