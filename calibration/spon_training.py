@@ -51,9 +51,9 @@ def check_loss(loss: float, first: float | None, step: int, lr: float) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Steps of one window: 300 beat 100 of two on held-out text (two seeds); 240 matched 300 within the seed spread
-    # (three seeds) and keeps calibration under 10 minutes on 2 cores without AMX (benchmarks/RESULTS.md)
-    steps: int = 240
+    # 300 steps of one window: better on held-out text than 100 of two (two seeds), 269-305 s in all on 2 cores
+    # (benchmarks/RESULTS.md)
+    steps: int = 300
     lr: float = 1e-3
     windows_per_step: int = 1
     bias_space: BiasSpace = "output"
