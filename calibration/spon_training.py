@@ -156,13 +156,14 @@ def train_spon(
                     cursor += config.windows_per_step
                     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                         loss, kl = distillation_loss(model, batch, config, params)
-                    check_loss(loss.item(), losses[0] if losses else None, step, config.lr)
+                    value = loss.item()
+                    check_loss(value, losses[0] if losses else None, step, config.lr)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
-                    losses.append(loss.item())
+                    losses.append(value)
                     bar.update()
                     bar.set_postfix(kl=f"{kl.item():.4f}", **({"loss": f"{losses[-1]:.4f}"} if extra else {}))
             if between_rounds is not None and round_end < config.steps:
