@@ -32,7 +32,7 @@ namespace {
 constexpr int kTileTokens = 6;  // tokens per register tile: 6 x 4 accumulators + 4 weight vectors in 32 zmm
 constexpr int kTileVecs = 4;    // 16-float vectors per register tile (64 columns)
 // decode: rows prefetched ahead of the one being read, into L2 (`_MM_HINT_T1`): prefetching into L1 (T0) is
-// capped by L1's few outstanding misses, and ran the same loop 1.3-1.5x slower on an AMD EPYC (kernels/NOTES.md)
+// capped by L1's few outstanding misses, and ran the same loop 1.3-1.6x slower on an AMD EPYC (kernels/NOTES.md)
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kStreamColumns = 256;   // decode: columns per pass over the kept rows (6 tokens' sums in L1)
 
@@ -113,7 +113,7 @@ SPON_AVX512 void pack_avx512(const T* x, int64_t ldx, int tokens, int64_t in, fl
 
 // Decode (one tile of MR <= 6 tokens), columns [c0, c1): the running sums live in y (L1-resident), and each row
 // any token keeps is streamed once, contiguously, the next rows prefetched (kept rows are scattered: the
-// hardware prefetcher does not see them coming; measured 10-15% faster with it, 1.3-1.5x with it into L2).
+// hardware prefetcher does not see them coming; measured 10-15% faster with it, 1.3-1.6x with it into L2).
 template <typename W, int MR>
 SPON_AVX512 void stream(const Packed& p, const W* w, int64_t ldw, const float* bias, int64_t c0, int64_t c1,
                         float* y, int64_t ldy) {
