@@ -22,9 +22,9 @@ case $stage in
     timeout 240 python benchmarks/bench_kernels.py --fp8 --tune --fanins 0 4 8 16 --out "$out/fp8" \
       --candidates-from $results/h200_kernels_fp8_run5_tune.jsonl $results/h100_kernels_fp8_run12_tune.jsonl \
       > "$out/fp8.log" 2>&1 || echo "fp8 re-tune: exit $? (240 s limit)" | tee -a "$out/fp8.log"
-    table=$out/fp8/tuned_$slug.py
-    [ -f "$table" ] || table=kernels/tuned_$slug.py
-    VLLM_SPON_KERNEL_TABLE=$table timeout $((560 - ($(date +%s) - start))) python benchmarks/bench_kernels.py \
+    table=()  # without a new fp8 table the bf16 run writes the committed one beside its own
+    [ -f "$out/fp8/tuned_$slug.py" ] && table=("VLLM_SPON_KERNEL_TABLE=$out/fp8/tuned_$slug.py")
+    env "${table[@]}" timeout $((560 - ($(date +%s) - start))) python benchmarks/bench_kernels.py \
       --tune --tokens 1 --fanins 0 4 8 16 --out "$out/bf16" --candidates-from $results/h200_kernels_run8_tune.jsonl \
       $results/h200_kernels_run9_down_tune.jsonl $results/h100_kernels_run12_tune.jsonl \
       > "$out/bf16.log" 2>&1 || echo "bf16 re-tune: exit $?" | tee -a "$out/bf16.log"
