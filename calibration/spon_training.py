@@ -51,8 +51,8 @@ def check_loss(loss: float, first: float | None, step: int, lr: float) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # 300 steps of one window: better on held-out text than 100 of two (two seeds), 269-305 s in all on 2 cores
-    # (benchmarks/RESULTS.md)
+    # 300 steps of one window: better on held-out text than 100 of two (two seeds); 269-305 s of training on the
+    # earlier machine's 2 cores, 359-422 s on an AMD EPYC's; 240 steps lost at 25% (benchmarks/RESULTS.md)
     steps: int = 300
     lr: float = 1e-3
     windows_per_step: int = 1
